@@ -1,0 +1,214 @@
+"""ReSSL: losses against hand-computed values and loop transcriptions, momentum/queue updates, and the script
+end to end (smoke, resume, two processes, bad input, learning on real images)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import ressl
+from conftest import TINY, read_metrics, run
+
+HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_relation_loss_hand_computed():
+    # z_s -> queue item 0, z_t -> queue item 1; logits (2, 0) for the student, (0, 4) for the teacher
+    z_s, z_t = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p2 = [1 / (1 + math.e ** 4), math.e ** 4 / (1 + math.e ** 4)]
+    log_p1 = [2 - math.log(math.e ** 2 + 1), 0 - math.log(math.e ** 2 + 1)]
+    expected = -(p2[0] * log_p1[0] + p2[1] * log_p1[1])
+    got = ressl.relation_loss(z_s, z_t, queue, tau_s=0.5, tau_t=0.25)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_infonce_loss_hand_computed():
+    z_s, z_t = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    expected = -math.log(math.e ** 2 / (math.e ** 2 + 1 + math.e ** -2))  # logits 1/0.5, 0/0.5, -1/0.5
+    assert ressl.infonce_loss(z_s, z_t, queue, tau=0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _unit(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def test_losses_match_loop_transcription():
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t, queue = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(6, 3, generator=g)
+    tau_s, tau_t, tau = 0.1, 0.04, 0.2
+    Q = [_unit(q) for q in queue.tolist()]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    rel, nce = 0.0, 0.0
+    for s, t in zip(z_s.tolist(), z_t.tolist()):
+        s, t = _unit(s), _unit(t)
+        zs = sum(math.exp(dot(s, q) / tau_s) for q in Q)
+        zt = sum(math.exp(dot(t, q) / tau_t) for q in Q)
+        rel += -sum(math.exp(dot(t, q) / tau_t) / zt * math.log(math.exp(dot(s, q) / tau_s) / zs) for q in Q)
+        pos = math.exp(dot(s, t) / tau)
+        nce += -math.log(pos / (pos + sum(math.exp(dot(s, q) / tau) for q in Q)))
+    assert ressl.relation_loss(z_s, z_t, queue, tau_s, tau_t).item() == pytest.approx(rel / 4, rel=1e-5)
+    assert ressl.infonce_loss(z_s, z_t, queue, tau).item() == pytest.approx(nce / 4, rel=1e-5)
+
+
+def test_relation_loss_limits():
+    # identical queue entries: p^1 is uniform, so H(p^2, p^1) = log K whatever the teacher says
+    queue = torch.ones(7, 4)
+    z_s, z_t = torch.randn(3, 4), torch.randn(3, 4)
+    assert ressl.relation_loss(z_s, z_t, queue).item() == pytest.approx(math.log(7), rel=1e-6)
+    # same input and same temperature: the cross-entropy equals the entropy H(p^2), i.e. KL = 0
+    queue, z = torch.randn(9, 4), torch.randn(3, 4)
+    p = F.softmax(F.normalize(z, dim=1) @ F.normalize(queue, dim=1).T / 0.1, dim=1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert ressl.relation_loss(z, z, queue, 0.1, 0.1).item() == pytest.approx(entropy.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_fn", [lambda s, t, q: ressl.relation_loss(s, t, q),
+                                     lambda s, t, q: ressl.infonce_loss(s, t, q, 0.1)])
+def test_gradient_reaches_student_only(loss_fn):
+    z_s, z_t, queue = (torch.randn(n, 8, requires_grad=True) for n in (4, 4, 16))
+    loss_fn(z_s, z_t, queue).backward()
+    assert z_s.grad is not None and z_s.grad.abs().sum() > 0
+    assert z_t.grad is None and queue.grad is None
+
+
+def test_total_loss_and_warmup_alpha():
+    rel, nce = torch.tensor(2.0), torch.tensor(5.0)
+    assert ressl.total_loss(rel, nce, 0.0).item() == 5.0
+    assert ressl.total_loss(rel, nce, 0.25).item() == pytest.approx(0.25 * 2 + 0.75 * 5)
+    assert ressl.warmup_alpha(0, 100, True) == 0.0
+    assert ressl.warmup_alpha(50, 100, True) == 0.5
+    assert ressl.warmup_alpha(500, 100, True) == 1.0
+    assert ressl.warmup_alpha(0, 100, False) == 1.0
+
+
+def test_lr_schedule_end_points():
+    assert ressl.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert ressl.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert ressl.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert ressl.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert ressl.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- momentum and queue
+
+@pytest.mark.parametrize("m", [0.0, 1.0, 0.9])
+def test_ema_update(m):
+    student, teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    student(torch.randn(5, 3))  # moves the student's running statistics
+    before = [p.clone() for p in teacher.parameters()]
+    ressl.ema_update(teacher, student, m)
+    for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(t1, m * t0 + (1 - m) * s)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        assert torch.equal(bt, bs)
+
+
+def test_queue_fifo_and_wrap_around():
+    queue, labels = torch.zeros(5, 1), torch.full((5,), -1)
+    ptr = ressl.enqueue(queue, labels, torch.tensor(0), torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1, 2, 3]))
+    assert ptr.item() == 3 and queue.flatten().tolist() == [1, 2, 3, 0, 0]
+    ptr = ressl.enqueue(queue, labels, ptr, torch.tensor([[4.0], [5.0], [6.0]]), torch.tensor([4, 5, 6]))
+    assert ptr.item() == 1 and queue.flatten().tolist() == [6, 2, 3, 4, 5] and labels.tolist() == [6, 2, 3, 4, 5]
+
+
+def test_teacher_is_a_frozen_copy_of_backbone_and_projector():
+    cfg = ressl.Config(proj_hidden=8, proj_dim=4)
+    student = ressl.Student(cfg, cifar_stem=True)
+    state = ressl.MomentumState(student, 16, 4)
+    assert all(not p.requires_grad for p in state.teacher.parameters())
+    src = nn.Sequential(student.backbone, student.projector).state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in state.teacher.state_dict().items())
+    assert torch.allclose(state.queue.norm(dim=1), torch.ones(16))
+
+
+def test_cifar_stem_and_no_predictor():
+    student = ressl.Student(ressl.Config(proj_hidden=8, proj_dim=4, predictor=False), cifar_stem=True)
+    assert student.backbone.conv1.stride == (1, 1) and isinstance(student.backbone.maxpool, nn.Identity)
+    assert isinstance(student.predictor, nn.Identity)
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
+    out = str(tmp_path / "run")
+    run(["ressl.py", *TINY, *HEADS, "--epochs", "2", "--output-dir", out])
+    metrics = read_metrics(out)
+    steps = [m for m in metrics if "loss" in m]
+    assert len(steps) == 8 and all(math.isfinite(m["loss"]) for m in steps)
+    assert {"relation", "infonce", "alpha", "lr", "images_per_s"} <= set(steps[0])
+    knn = [m for m in metrics if "knn_top1" in m]
+    assert len(knn) == 2 and 0 <= knn[-1]["knn_top1"] <= 100 and "teacher_nn_same_label" in knn[-1]
+    assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
+    # backbone.pt loads into a plain torchvision ResNet-18 (no fc)
+    ckpt = torch.load(os.path.join(out, "backbone.pt"))
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(ckpt["state_dict"])
+    assert ckpt["method"] == "ressl" and ckpt["cifar_stem"] is False
+    p = run(["eval_linear.py", os.path.join(out, "backbone.pt"), "--dataset", "fake", "--fake-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--cached"])
+    assert "top-1" in p.stdout
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = ["ressl.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0"]
+    run(args + ["--output-dir", straight])
+    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
+    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
+    p = run(args + ["--output-dir", resumed, "--resume"])
+    assert "resumed from" in p.stdout
+    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    qa = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    qb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    assert torch.equal(qa["queue"], qb["queue"]) and torch.equal(qa["ptr"], qb["ptr"])
+    # no step was done twice: the resumed run logged only epoch 2's steps
+    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == list(range(1, 9))
+
+
+def test_two_processes_equal_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run(["tests/ddp_check.py", str(one)])
+    run(["tests/ddp_check.py", str(two)], nproc=2)
+    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+    assert torch.allclose(a["loss"], r0["loss"], atol=1e-6) and torch.allclose(a["relation"], r0["relation"], atol=1e-6)
+    for k in a["grads"]:
+        assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-6), k
+        assert torch.allclose(r0["grads"][k], r1["grads"][k], atol=0), k
+    for r in (r0, r1):  # queues and teacher identical on every rank, and equal to the 1-process run
+        assert torch.allclose(a["queue"], r["queue"], atol=1e-6) and torch.equal(a["queue_labels"], r["queue_labels"])
+        assert a["ptr"].item() == r["ptr"].item() == 4
+        assert all(torch.allclose(a["teacher"][k], r["teacher"][k], atol=1e-6) for k in a["teacher"])
+    assert torch.equal(r0["queue"], r1["queue"])
+
+
+def test_two_process_training_run(tmp_path):
+    """The real loop under torchrun: runs, logs, checkpoints, and both ranks agree on the queue it saves."""
+    out = str(tmp_path / "ddp")
+    run(["ressl.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+    assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/place"], "does not exist"),
+    (["--queue-size", "4"], "--queue-size 4 must be at least --batch-size 8"),
+    (["--fake-size", "4"], "fewer than one global batch"),
+])
+def test_bad_input_gives_one_clear_message(args, message):
+    p = run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
