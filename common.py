@@ -31,7 +31,8 @@ def run_main(train_fn, config_cls, argv=None):
     try:
         return train_fn(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # a DataLoader worker re-raises with the worker's traceback in the message: keep only the message
+        print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ')[-1]}", file=sys.stderr)
         sys.exit(2)
 
 

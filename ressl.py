@@ -84,7 +84,7 @@ class Config:
     resume: bool = False  # continue from the latest checkpoint in --output-dir
     stop_after_epochs: int = 0  # end this invocation after this epoch (0: run to --epochs); continue with --resume
     log_every: int = 50  # steps between metric lines
-    eval_every: int = 10  # epochs between kNN evaluations (and at the end); 0 only at the end
+    eval_every: int = 10  # epochs between kNN evaluations (also before training and at the end); 0: only at the end
     checkpoint_every: int = 10  # epochs between checkpoints (and at the end)
     knn_k: int = 200  # neighbours of the kNN monitor
     knn_t: float = 0.1  # temperature of the kNN monitor
@@ -325,8 +325,17 @@ def train(cfg: Config):
                 start_epoch = json.load(f)["epoch"]
             accelerator.print(f"resumed from {ckpt} (epoch {start_epoch})")
 
+    def monitor(epoch, step, nn_match):
+        knn = common.knn_accuracy(raw.backbone, memory_loader, query_loader, num_classes, accelerator,
+                                  cfg.knn_k, cfg.knn_t)
+        m = accelerator.reduce(nn_match, "sum")
+        logger.log(epoch=epoch, step=step, knn_top1=knn, teacher_nn_same_label=(m[0] / m[1].clamp(min=1)).item() * 100)
+        accelerator.print(f"epoch {epoch}: kNN top-1 {knn:.2f}%")
+
     last_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
     step = start_epoch * steps_per_epoch
+    if start_epoch == 0 and cfg.eval_every:
+        monitor(0, 0, torch.zeros(2, device=accelerator.device, dtype=torch.long))  # the random-init baseline
     for epoch in range(start_epoch, last_epoch):
         student.train()
         loader.set_epoch(epoch)
@@ -359,12 +368,7 @@ def train(cfg: Config):
 
         epoch_done = epoch + 1
         if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
-            knn = common.knn_accuracy(raw.backbone, memory_loader, query_loader, num_classes, accelerator,
-                                      cfg.knn_k, cfg.knn_t)
-            m = accelerator.reduce(nn_match, "sum")
-            logger.log(epoch=epoch_done, step=step, knn_top1=knn,
-                       teacher_nn_same_label=(m[0] / m[1].clamp(min=1)).item() * 100)
-            accelerator.print(f"epoch {epoch_done}: kNN top-1 {knn:.2f}%")
+            monitor(epoch_done, step, nn_match)
         if epoch_done % cfg.checkpoint_every == 0 or epoch_done in (cfg.epochs, last_epoch):
             save_checkpoint(accelerator, out, epoch_done)
 

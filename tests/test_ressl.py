@@ -146,7 +146,7 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     assert len(steps) == 8 and all(math.isfinite(m["loss"]) for m in steps)
     assert {"relation", "infonce", "alpha", "lr", "images_per_s"} <= set(steps[0])
     knn = [m for m in metrics if "knn_top1" in m]
-    assert len(knn) == 2 and 0 <= knn[-1]["knn_top1"] <= 100 and "teacher_nn_same_label" in knn[-1]
+    assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100 and "teacher_nn_same_label" in knn[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
     # backbone.pt loads into a plain torchvision ResNet-18 (no fc)
     ckpt = torch.load(os.path.join(out, "backbone.pt"))
