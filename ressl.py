@@ -286,7 +286,7 @@ def train(cfg: Config):
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+            json.dump({**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes}, f, indent=2)
     logger = common.MetricLogger(os.path.join(out, "metrics.jsonl"), accelerator.is_main_process)
 
     views = [strong_view(size, mean_std), strong_view(size, mean_std) if cfg.teacher_aug == "strong"

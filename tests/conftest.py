@@ -16,7 +16,8 @@ TINY = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--num-wo
 
 def run(args, nproc=1, check=True, timeout=600):
     """Run `python <args>` (or torchrun with nproc CPU processes) in the repository root; returns CompletedProcess."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if nproc > 1 else
+    # ACCELERATE_USE_CPU: without it Accelerate does not start gloo under torchrun on CPU (each rank runs alone)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else
            os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

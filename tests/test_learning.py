@@ -1,15 +1,23 @@
-"""Learning on real images: a short CPU run of each method beats the random-init network of the same architecture
-on kNN top-1 (CIFAR-10 JPEG copy, 2,000-image train subset as kNN memory, 1,000 test images as queries).
+"""Learning on real images: a CPU run of ReSSL must beat the random-init network of the same architecture on kNN
+top-1 (CIFAR-10 JPEG copy, 2,000-image train subset as kNN memory, 1,000 test images as queries).
 
 The random-init figure is the run's own epoch-0 kNN line (same seed, same architecture, before any step).
+
+NOT YET CALIBRATED, hence marked slow (CI does not run it). What was measured on 2 heavily shared CPU cores
+(load average 8-11) with ResNet-18, standard stem, 32 px, `--queue-size 1024 --warmup-epochs 1`:
+  - batch 128, paper lr, `--infonce-warmup-epochs 2`: kNN 26.5 % (random init) -> 24.9 % (epoch 1) -> 26.5 % (2);
+  - batch 64, `--lr 0.5`, `--infonce-warmup-epochs 8`: 26.5 % -> 20.9 % (1) -> 21.2 % (2) -> 23.1 % (3).
+The first epochs lower kNN below the random-init network before it recovers, so a CI-sized run (~200 s) does not
+show learning yet; this test runs the recipe long enough to (the expectation, not yet seen) pass the margin.
 """
 import pytest
 
 from conftest import read_metrics, run
 
-# standard ResNet stem on 32 px keeps this within CI's budget on 2 cores; the CIFAR stem is 16x the compute
-FAST = ["--dataset", "imagefolder", "--stem", "imagenet", "--batch-size", "128", "--num-workers", "0",
-        "--eval-every", "100", "--log-every", "10", "--warmup-epochs", "1"]
+MARGIN = 5.0  # percentage points over the random-init network
+
+FAST = ["--dataset", "imagefolder", "--stem", "imagenet", "--batch-size", "64", "--lr", "0.5", "--num-workers", "0",
+        "--eval-every", "5", "--log-every", "10", "--warmup-epochs", "1", "--queue-size", "1024"]
 
 
 def knn_gain(out):
@@ -18,13 +26,11 @@ def knn_gain(out):
     return knn[0]["knn_top1"], knn[-1]["knn_top1"]
 
 
+@pytest.mark.slow
 def test_ressl_learns(cifar_subset, tmp_path):
     out = str(tmp_path / "ressl")
-    run(["ressl.py", *FAST, "--data-dir", cifar_subset, "--epochs", "12", "--queue-size", "1024",
-         "--infonce-warmup-epochs", "3", "--output-dir", out])
+    run(["ressl.py", *FAST, "--data-dir", cifar_subset, "--epochs", "30", "--infonce-warmup-epochs", "10",
+         "--output-dir", out], timeout=7200)
     before, after = knn_gain(out)
-    print(f"ReSSL kNN top-1: random init {before:.1f}% -> {after:.1f}% after 12 epochs")
+    print(f"ReSSL kNN top-1: random init {before:.1f}% -> {after:.1f}% after 30 epochs")
     assert after >= before + MARGIN, (before, after)
-
-
-MARGIN = 5.0  # percentage points; see the calibration note in README "Tests"

@@ -1,5 +1,6 @@
 """ReSSL: losses against hand-computed values and loop transcriptions, momentum/queue updates, and the script
 end to end (smoke, resume, two processes, bad input, learning on real images)."""
+import json
 import math
 import os
 
@@ -198,6 +199,8 @@ def test_two_process_training_run(tmp_path):
     """The real loop under torchrun: runs, logs, checkpoints, and both ranks agree on the queue it saves."""
     out = str(tmp_path / "ddp")
     run(["ressl.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
 
 

@@ -1,0 +1,585 @@
+"""ReCo: losses (Eqs. 1-3, 5, 6) against hand-computed values and loop transcriptions, CutMix / mixup, Table III
+diagnostics, shuffle BN, momentum/queue updates, and the script end to end (smoke, resume, two processes equal one,
+bad input, learning on real images). Run as a script under torchrun, this file is also the 2-process check."""
+import contextlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import reco
+from conftest import TINY, read_metrics, run
+
+HEADS = ["--proj-dim", "16", "--queue-size", "16", "--bn-splits", "2"]
+
+
+def _unit(*rows):
+    """Rows as python lists -> L2-normalised python lists (for hand formulas)."""
+    out = []
+    for r in rows:
+        n = math.sqrt(sum(x * x for x in r))
+        out.append([x / n for x in r])
+    return out
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------------ Eq. (1) InfoNCE
+
+
+def test_infonce_hand_computed():
+    q = [[3.0, 4.0], [1.0, 0.0]]
+    k = [[1.0, 0.0], [0.0, 2.0]]
+    Q = [[0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]]
+    tau = 0.5
+    qn, kn, Qn = _unit(*q), _unit(*k), _unit(*Q)
+    expected = 0.0
+    for i in range(2):
+        pos = math.exp(_dot(qn[i], kn[i]) / tau)
+        neg = sum(math.exp(_dot(qn[i], Qn[j]) / tau) for j in range(3))
+        expected += -math.log(pos / (pos + neg)) / 2
+    got = reco.infonce_loss(torch.tensor(q), torch.tensor(k), torch.tensor(Q), tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _infonce_loop(q, k, queue, tau):
+    q, k, queue = F.normalize(q, dim=1), F.normalize(k, dim=1), F.normalize(queue, dim=1)
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / tau)
+        neg = 0.0
+        for j in range(queue.shape[0]):
+            neg += math.exp(float(q[i] @ queue[j]) / tau)
+        total += -math.log(pos / (pos + neg))
+    return total / q.shape[0]
+
+
+def test_infonce_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    q, k, queue = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(13, 8, generator=g)
+    got = reco.infonce_loss(q, k, queue, 0.2).item()
+    assert got == pytest.approx(_infonce_loop(q.double(), k.double(), queue.double(), 0.2), rel=1e-5)
+
+
+def test_infonce_uniform_limit_is_log_k_plus_one():
+    # every logit equal (q orthogonal to keys and queue) -> loss = log(1 + K)
+    q = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)
+    k = torch.tensor([[0.0, 1.0, 0.0]]).repeat(4, 1)
+    queue = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, -1.0, 0.0]])
+    assert reco.infonce_loss(q, k, queue, 0.2).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_infonce_gradient_only_into_query():
+    q = torch.randn(4, 6, requires_grad=True)
+    k = torch.randn(4, 6, requires_grad=True)
+    queue = torch.randn(10, 6, requires_grad=True)
+    reco.infonce_loss(q, k, queue).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert k.grad is None and queue.grad is None
+
+
+def test_infonce_float32_under_half_inputs():
+    q, k, queue = torch.randn(4, 6).half(), torch.randn(4, 6).half(), torch.randn(10, 6).half()
+    out = reco.infonce_loss(q, k, queue, 0.04)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+# ------------------------------------------------------------------------------------------------ Eq. (3) global
+
+
+def test_global_relation_hand_computed():
+    v = [[1.0, 1.0]]
+    vw = [[1.0, 0.0]]
+    Q = [[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]
+    t_o, t_t = 0.1, 0.04
+    (vn,), (wn,), Qn = _unit(*v), _unit(*vw), _unit(*Q)
+    so = [math.exp(_dot(vn, Qn[j]) / t_o) for j in range(3)]
+    so = [x / sum(so) for x in so]
+    st = [math.exp(_dot(wn, Qn[j]) / t_t) for j in range(3)]
+    st = [x / sum(st) for x in st]
+    expected = sum(st[j] * (math.log(st[j]) - math.log(so[j])) for j in range(3))
+    got = reco.global_relation_loss(torch.tensor(v), torch.tensor(vw), torch.tensor(Q), t_o, t_t)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def _global_loop(v, vw, queue, t_o, t_t):
+    v, vw, queue = F.normalize(v, dim=1), F.normalize(vw, dim=1), F.normalize(queue, dim=1)
+    total = 0.0
+    for i in range(v.shape[0]):
+        so = [math.exp(float(v[i] @ queue[j]) / t_o) for j in range(queue.shape[0])]
+        st = [math.exp(float(vw[i] @ queue[j]) / t_t) for j in range(queue.shape[0])]
+        zo, zt = sum(so), sum(st)
+        total += sum((b / zt) * (math.log(b / zt) - math.log(a / zo)) for a, b in zip(so, st))
+    return total / v.shape[0]
+
+
+def test_global_relation_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    v, vw, queue = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(11, 8, generator=g)
+    got = reco.global_relation_loss(v, vw, queue, 0.1, 0.04).item()
+    assert got == pytest.approx(_global_loop(v.double(), vw.double(), queue.double(), 0.1, 0.04), rel=1e-4)
+
+
+def test_global_relation_kl_zero_when_distributions_equal():
+    g = torch.Generator().manual_seed(2)
+    v, queue = torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g)
+    # same feature, same temperature -> S^t = S^o -> KL = 0 (the cross-entropy would be the entropy, not 0)
+    assert reco.global_relation_loss(v, v.clone(), queue, 0.1, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    # different temperatures: KL > 0
+    assert reco.global_relation_loss(v, v.clone(), queue, 0.1, 0.04).item() > 1e-4
+
+
+def test_global_relation_gradient_only_into_online():
+    v = torch.randn(4, 6, requires_grad=True)
+    vw = torch.randn(4, 6, requires_grad=True)
+    queue = torch.randn(10, 6, requires_grad=True)
+    reco.global_relation_loss(v, vw, queue).backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert vw.grad is None and queue.grad is None
+
+
+def test_global_relation_sharp_temperature_half_inputs_finite():
+    v, vw, queue = (torch.randn(4, 6) * 50).half(), (torch.randn(4, 6) * 50).half(), torch.randn(10, 6).half()
+    out = reco.global_relation_loss(v, vw, queue, 0.1, 0.01)
+    assert out.dtype == torch.float32 and torch.isfinite(out) and out.item() >= -1e-6
+
+
+# ------------------------------------------------------------------------------------------------ Eqs. (4)-(6) local
+
+
+def test_interpolated_target_mixes_the_right_features():
+    v = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    v_partner = torch.tensor([[0.0, 5.0], [1.0, 0.0]])
+    r = 0.25
+    got = reco.interpolated_target(v, v_partner, r)
+    # row 0: 0.25*(1,0) + 0.75*(0,1) normalised; row 1: 0.25*(0,1) + 0.75*(1,0)
+    e0 = _unit([0.25, 0.75])[0]
+    e1 = _unit([0.75, 0.25])[0]
+    assert torch.allclose(got, torch.tensor([e0, e1]), atol=1e-6)
+    # per-sample ratio (B,)
+    got2 = reco.interpolated_target(v, v_partner, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(got2, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), atol=1e-6)
+
+
+def test_interpolated_target_detached():
+    v = torch.randn(3, 4, requires_grad=True)
+    assert not reco.interpolated_target(v, torch.randn(3, 4), 0.5).requires_grad
+
+
+def test_local_interpolation_hand_computed_and_loop():
+    v_mix = [[1.0, 2.0], [0.0, 1.0]]
+    v_t = [[1.0, 0.0], [1.0, 1.0]]
+    Q = [[0.0, 1.0], [1.0, -1.0]]
+    tau = 0.2
+    mn, tn, Qn = _unit(*v_mix), _unit(*v_t), _unit(*Q)
+    expected = 0.0
+    for i in range(2):
+        pos = math.exp(_dot(mn[i], tn[i]) / tau)
+        expected += -math.log(pos / (pos + sum(math.exp(_dot(mn[i], Qn[j]) / tau) for j in range(2)))) / 2
+    got = reco.local_interpolation_loss(torch.tensor(v_mix), torch.tensor(v_t), torch.tensor(Q), tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    g = torch.Generator().manual_seed(3)
+    a, b, queue = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(7, 8, generator=g)
+    assert reco.local_interpolation_loss(a, b, queue).item() == pytest.approx(
+        _infonce_loop(a.double(), b.double(), queue.double(), 0.2), rel=1e-5
+    )
+
+
+def test_local_interpolation_gradient_never_reaches_target_or_queue():
+    v_mix = torch.randn(4, 6, requires_grad=True)
+    v_src = torch.randn(4, 6, requires_grad=True)  # the online feature the target is built from
+    v_target = F.normalize(v_src * 2, dim=1)  # a target still attached to the graph
+    queue = torch.randn(10, 6, requires_grad=True)
+    reco.local_interpolation_loss(v_mix, v_target, queue).backward()
+    assert v_mix.grad is not None and v_mix.grad.abs().sum() > 0
+    assert v_src.grad is None and queue.grad is None
+
+
+@pytest.mark.parametrize("r", [0.0, 0.13, 0.5, 0.77, 0.999])
+@pytest.mark.parametrize("seed", range(4))
+def test_cutmix_effective_r_is_kept_area_fraction(r, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(3, 2, 13, 17)
+    x_partner = torch.ones(3, 2, 13, 17)
+    x_in, xp_in = x.clone(), x_partner.clone()
+    x_mix, r_eff = reco.cutmix(x, x_partner, r, generator=g)
+    kept = (x_mix == 0).sum().item() / x_mix.numel()  # fraction of pixels still from x
+    assert r_eff == pytest.approx(kept, abs=1e-9)
+    assert 0.0 <= r_eff <= 1.0 and r_eff >= r - 1e-9  # clipping only ever keeps more of x
+    assert torch.equal(x, x_in) and torch.equal(x_partner, xp_in)  # pure
+    # the same box for every image and channel
+    assert torch.equal(x_mix[0], x_mix[2]) and torch.equal(x_mix[:, 0], x_mix[:, 1])
+
+
+def test_cutmix_pastes_partner_pixels_at_same_positions():
+    g = torch.Generator().manual_seed(5)
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    xp = -x - 1
+    x_mix, r_eff = reco.cutmix(x, xp, 0.3, generator=g)
+    from_partner = x_mix < 0
+    assert torch.equal(x_mix[from_partner], xp[from_partner])
+    assert torch.equal(x_mix[~from_partner], x[~from_partner])
+    assert 1 - from_partner.float().mean().item() == pytest.approx(r_eff)
+
+
+def test_cutmix_deterministic_with_generator():
+    x, xp = torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)
+    a = reco.cutmix(x, xp, 0.4, torch.Generator().manual_seed(7))
+    b = reco.cutmix(x, xp, 0.4, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_mixup():
+    x, xp = torch.full((2, 3, 4, 4), 2.0), torch.full((2, 3, 4, 4), 6.0)
+    x_mix, r = reco.mixup(x, xp, 0.25)
+    assert r == 0.25 and torch.allclose(x_mix, torch.full_like(x, 0.25 * 2 + 0.75 * 6))
+
+
+# ------------------------------------------------------------------------------------------------ Table III
+
+
+def test_class_similarity_stats_hand_computed_and_loop():
+    f = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    fn = F.normalize(f, dim=1)
+    intra, inter, phi = [], [], []
+    for i in range(5):
+        p = [float(fn[i] @ fn[j]) for j in range(5) if j != i and y[j] == y[i]]
+        n = [float(fn[i] @ fn[j]) for j in range(5) if y[j] != y[i]]
+        mp, mn = sum(p) / len(p), sum(n) / len(n)
+        intra.append(mp), inter.append(mn), phi.append((mp + 1) / (mn + 1))
+    got = reco.class_similarity_stats(f, y, chunk=2)
+    assert got["s_intra"] == pytest.approx(sum(intra) / 5, abs=1e-6)
+    assert got["s_inter"] == pytest.approx(sum(inter) / 5, abs=1e-6)
+    assert got["phi"] == pytest.approx(sum(phi) / 5, abs=1e-6)
+    # anchor 0: S_p = {1}: cos((1,0),(1,1)) = 1/sqrt2
+    assert intra[0] == pytest.approx(1 / math.sqrt(2))
+
+
+def test_class_similarity_stats_singleton_classes_give_nan():
+    got = reco.class_similarity_stats(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert all(math.isnan(v) for v in got.values())
+
+
+def test_class_similarity_stats_perfect_clusters():
+    f = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    got = reco.class_similarity_stats(f, y)
+    assert got["s_intra"] == pytest.approx(1.0) and got["s_inter"] == pytest.approx(0.0)
+    assert got["phi"] == pytest.approx(2.0)
+
+
+def test_total_loss_eq2():
+    assert reco.total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), 1.0, 2.0).item() == 1 + 2 + 6
+    assert reco.total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), 0.0, 0.0).item() == 1
+
+
+def test_lr_schedule_end_points():
+    assert reco.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert reco.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert reco.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert reco.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------- shuffle BN, momentum, queue
+
+
+def test_split_batchnorm_equals_batchnorm_per_chunk():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    nn.init.normal_(bn.weight), nn.init.normal_(bn.bias)
+    split = reco.to_split_bn(nn.Sequential(bn), 2)[0]
+    assert isinstance(split, reco.SplitBatchNorm2d) and split.num_splits == 2
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(split.state_dict())
+    expected = torch.cat([ref(x[:4]), ref(x[4:])])
+    assert torch.allclose(split.train()(x), expected, atol=1e-5)
+    ref.load_state_dict(split.state_dict())  # split BN leaves the running statistics alone (the EMA copies them)
+    split.eval(), ref.eval()
+    assert torch.allclose(split(x), ref(x))  # eval: running statistics
+
+
+def test_momentum_state_is_frozen_split_bn_copy_and_ema_update():
+    cfg = reco.Config(proj_dim=4)
+    online = reco.OnlineEncoder(cfg, cifar_stem=True)
+    state = reco.MomentumState(online, 16, 4, splits_per_process=2, weak_bank=True)
+    enc = state.momentum_encoder
+    assert all(not p.requires_grad for p in enc.parameters())
+    assert any(isinstance(m, reco.SplitBatchNorm2d) for m in enc.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in enc.modules())
+    src = nn.Sequential(online.backbone, online.head).state_dict()
+    assert list(enc.state_dict()) == list(src) and all(torch.equal(v, src[k]) for k, v in enc.state_dict().items())
+    assert torch.allclose(state.queue.norm(dim=1), torch.ones(16)) and state.queue_weak.shape == (16, 4)
+    # m = 0 copies, m = 1 freezes, parameters paired in order
+    view = nn.Sequential(online.backbone, online.head)
+    with torch.no_grad():
+        for p in view.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in enc.parameters()]
+    reco.ema_update(enc, view, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, enc.parameters()))
+    reco.ema_update(enc, view, 0.5)
+    assert all(torch.allclose(t, 0.5 * b + 0.5 * s) for t, b, s in zip(enc.parameters(), before, view.parameters()))
+    reco.ema_update(enc, view, 0.0)
+    assert all(torch.equal(t, s) for t, s in zip(enc.parameters(), view.parameters()))
+
+
+def test_queue_fifo_and_wrap_around():
+    queue = torch.zeros(5, 1)
+    ptr = reco.enqueue(queue, torch.tensor(0), torch.tensor([[1.0], [2.0], [3.0]]))
+    assert ptr.item() == 3 and queue.flatten().tolist() == [1, 2, 3, 0, 0]
+    ptr = reco.enqueue(queue, ptr, torch.tensor([[4.0], [5.0], [6.0]]))
+    assert ptr.item() == 1 and queue.flatten().tolist() == [6, 2, 3, 4, 5]
+
+
+class OneProcess:
+    """The part of Accelerator that forward_loss uses, for one process (no global state in the pytest process)."""
+    num_processes, process_index = 1, 0
+
+    @staticmethod
+    def gather(t):
+        return t
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()
+
+
+def test_shuffled_keys_groups_follow_the_shuffle():
+    enc = reco.to_split_bn(nn.Sequential(nn.BatchNorm2d(2), nn.Flatten()), 2).train()
+    x = torch.randn(6, 2, 1, 1) * torch.tensor([1.0, 5.0]).view(1, 2, 1, 1)
+    shuffle = torch.tensor([4, 0, 2, 5, 1, 3])
+    keys = reco.shuffled_keys(enc, x, shuffle, OneProcess)
+    bn = nn.BatchNorm2d(2)
+    expected = torch.zeros(6, 2)
+    for group in (shuffle[:3], shuffle[3:]):  # BN statistics of each group of the shuffled batch
+        expected[group] = F.normalize(bn(x[group]).flatten(1), dim=1)
+    assert torch.allclose(keys, expected, atol=1e-5)
+
+
+def test_step_randomness_is_a_function_of_seed_and_step():
+    a, b, c = (reco.step_randomness(0, s, 16, 1.0) for s in (5, 5, 6))
+    for u, v in zip(a[1:4], b[1:4]):
+        assert torch.equal(u, v)
+    assert a[4] == b[4] and a[4] != c[4] and not torch.equal(a[3], c[3])
+    assert sorted(a[3].tolist()) == list(range(16)) and 0 <= a[4] <= 1
+
+
+def _tiny_setup(**kw):
+    torch.manual_seed(0)
+    cfg = reco.Config(proj_dim=8, bn_splits=2, **kw)
+    online = reco.OnlineEncoder(cfg, cifar_stem=False)
+    state = reco.MomentumState(online, 16, 8, 2, weak_bank=cfg.global_bank == "weak")
+    views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    return cfg, online, state, views
+
+
+def test_forward_loss_gradient_reaches_online_encoder_only():
+    cfg, online, state, views = _tiny_setup(global_bank="weak")
+    queues = (state.queue.clone(), state.queue_weak.clone())
+    loss, keys, weak_keys, logs = reco.forward_loss(online, state, views, cfg, 0, OneProcess)
+    assert not keys.requires_grad and not weak_keys.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in online.parameters())
+    assert all(p.grad is None for p in state.momentum_encoder.parameters())
+    assert torch.equal(queues[0], state.queue) and torch.equal(queues[1], state.queue_weak)
+    expected = logs["csl"] + cfg.lambda_global * logs["global"] + cfg.lambda_local * logs["local"]
+    assert torch.allclose(loss.detach(), expected) and 0 <= logs["r"] <= 1
+
+
+def test_forward_loss_terms_match_the_pure_functions():
+    """Rebuild the step by hand from the public functions: partner j, CutMix with r_eff, q/k target, Eq. (2)."""
+    cfg, online, state, views = _tiny_setup()
+    online.eval(), state.eval()  # BN on running statistics: forward passes are batch-independent
+    loss, keys, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
+    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha)
+    x_q, x_k, x_w = views
+    with torch.no_grad():
+        k = F.normalize(state.momentum_encoder(x_k), dim=1)
+        k_w = F.normalize(state.momentum_encoder(x_w), dim=1)
+        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, generator=g)
+        (q,), (v_mix,) = online(x_q), online(x_mix)
+    assert torch.allclose(keys, k, atol=1e-5) and logs["r"] == r_eff
+    csl = reco.infonce_loss(q, k, state.queue, cfg.tau)
+    glob = reco.global_relation_loss(q, k_w, state.queue, cfg.tau_ot, cfg.tau_tt)
+    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(q, k[partner], r_eff), state.queue, cfg.tau)
+    assert torch.allclose(logs["csl"], csl, atol=1e-5) and torch.allclose(logs["global"], glob, atol=1e-5)
+    assert torch.allclose(logs["local"], local, atol=1e-5)
+    assert torch.allclose(loss.detach(), csl + 1.0 * glob + 2.0 * local, atol=1e-5)
+
+
+def test_forward_loss_moco_baseline_has_no_relation_terms():
+    cfg, online, state, views = _tiny_setup(lambda_global=0.0, lambda_local=0.0)
+    loss, _, weak_keys, logs = reco.forward_loss(online, state, views, cfg, 0, OneProcess)
+    assert weak_keys is None and logs["global"].item() == 0 and logs["local"].item() == 0
+    assert torch.allclose(loss.detach(), logs["csl"])
+
+
+# ------------------------------------------------------------------------------------------------ the script end to end
+
+
+def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
+    out = str(tmp_path / "run")
+    # 48 fake images: 12 test images, so some classes have two (Table III needs S_p non-empty)
+    run(["reco.py", *TINY, *HEADS, "--fake-size", "48", "--epochs", "1", "--output-dir", out])
+    metrics = read_metrics(out)
+    steps = [m for m in metrics if "loss" in m]
+    assert len(steps) == 6 and all(math.isfinite(m["loss"]) for m in steps)
+    assert {"csl", "global_relation", "local_relation", "r", "lr", "images_per_s"} <= set(steps[0])
+    assert all(m["global_relation"] >= 0 for m in steps)  # a KL divergence
+    knn = [m for m in metrics if "knn_top1" in m]
+    assert [m["epoch"] for m in knn] == [0, 1] and 0 <= knn[-1]["knn_top1"] <= 100
+    assert all(math.isfinite(knn[-1][k]) for k in ("s_intra", "s_inter", "phi")) and knn[-1]["phi"] > 0
+    assert os.path.isdir(os.path.join(out, "checkpoint-1")) and os.path.exists(os.path.join(out, "config.json"))
+    ckpt = torch.load(os.path.join(out, "backbone.pt"))
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(ckpt["state_dict"])
+    assert ckpt["method"] == "reco" and ckpt["cifar_stem"] is False
+    p = run(["eval_linear.py", os.path.join(out, "backbone.pt"), "--dataset", "fake", "--fake-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--cached"])
+    assert "top-1" in p.stdout
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = ["reco.py", *TINY, *HEADS, "--fake-size", "16", "--epochs", "2", "--eval-every", "0",  # 2 steps per epoch
+            "--global-bank", "weak", "--mix", "mixup"]
+    run(args + ["--output-dir", straight])
+    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
+    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
+    p = run(args + ["--output-dir", resumed, "--resume"])
+    assert "resumed from" in p.stdout
+    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    qa = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    qb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    for k in ("queue", "queue_weak", "ptr"):
+        assert torch.equal(qa[k], qb[k]), k
+    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [1, 2, 3, 4]
+
+
+def _ddp_step(out_dir):
+    """One ReCo step on a fixed global batch under torchrun (1 or 2 CPU processes): writes rank<r>.pt with the loss
+    terms, gradients, queues and momentum encoder. The online encoder's BN is held in eval mode (per-process
+    statistics differ by design on CPU, where SyncBatchNorm is not used); the momentum encoder stays in TRAIN mode,
+    because its shuffle BN over the global batch must not depend on the number of processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cfg = reco.Config(proj_dim=16, bn_splits=2, global_bank="weak")
+    set_seed(0)
+    online = reco.OnlineEncoder(cfg, cifar_stem=False)
+    g = torch.Generator().manual_seed(1)
+    B, K = 8, 16
+    views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(3)]
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1, momentum=0.9)
+    online, optimizer = accelerator.prepare(online, optimizer)
+    raw = accelerator.unwrap_model(online)
+    state = reco.MomentumState(raw, K, cfg.proj_dim, cfg.bn_splits // world, weak_bank=True)
+    state.queue.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+    state.queue_weak.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+    state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
+    online.eval()
+    state.train()
+    local = slice(rank * B // world, (rank + 1) * B // world)
+    loss, keys, weak_keys, logs = reco.forward_loss(online, state, [v[local] for v in views], cfg, 3, accelerator)
+    accelerator.backward(loss)
+    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
+    optimizer.step()
+    reco.ema_update(state.momentum_encoder, torch.nn.Sequential(raw.backbone, raw.head), 0.9)
+    reco.enqueue(state.queue_weak, state.ptr, weak_keys)
+    state.ptr.copy_(reco.enqueue(state.queue, state.ptr, keys))
+    mean = lambda t: accelerator.reduce(t.detach(), "mean")
+    torch.save({"loss": mean(loss), "csl": mean(logs["csl"]), "global": mean(logs["global"]),
+                "local": mean(logs["local"]), "grads": grads, "keys": keys, "queue": state.queue,
+                "queue_weak": state.queue_weak, "ptr": state.ptr,
+                "momentum_encoder": state.momentum_encoder.state_dict()}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_processes_equal_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run(["tests/test_reco.py", str(one)])
+    run(["tests/test_reco.py", str(two)], nproc=2)
+    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+    for k in ("loss", "csl", "global", "local"):
+        assert torch.allclose(a[k], r0[k], atol=1e-5), k
+    assert a["local"] > 0 and a["global"] > 0
+    for k in a["grads"]:
+        assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-5), k
+        assert torch.equal(r0["grads"][k], r1["grads"][k]), k
+    for r in (r0, r1):  # shuffle-BN keys, queues and momentum encoder: identical on every rank and to 1 process
+        for k in ("keys", "queue", "queue_weak"):
+            assert torch.allclose(a[k], r[k], atol=1e-5), k
+        assert a["ptr"].item() == r["ptr"].item() == 4
+        assert all(torch.allclose(a["momentum_encoder"][k].float(), r["momentum_encoder"][k].float(), atol=1e-6)
+                   for k in a["momentum_encoder"])
+    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["queue_weak"], r1["queue_weak"])
+
+
+def test_two_process_training_run(tmp_path):
+    """The real loop under torchrun: runs, logs, checkpoints (bn-splits 2 = one shuffle-BN group per process)."""
+    out = str(tmp_path / "ddp")
+    run(["reco.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+    assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("changes, num_processes, message", [
+    ({"bn_splits": 3}, 1, "--bn-splits 3 must divide --batch-size 8"),
+    ({"bn_splits": 2}, 4, "be a multiple of the number of processes (4)"),
+    ({"bn_splits": 8}, 1, "fewer than 2 images per BatchNorm group"),
+    ({"tau_tt": 0.0}, 1, "--tau-tt must be positive"),
+    ({"mix_alpha": -1.0}, 1, "--mix-alpha must be positive"),
+    ({"lambda_local": -1.0}, 1, "must be >= 0"),
+])
+def test_check_config_names_the_flag(changes, num_processes, message):
+    cfg = reco.Config(**{"batch_size": 8, "bn_splits": 2, **changes})
+    with pytest.raises(reco.common.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        reco.check_config(cfg, num_processes, queue_size=16)
+    reco.check_config(reco.Config(batch_size=8, bn_splits=2), 2, queue_size=16)  # fine
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bn-splits", "3", "--queue-size", "4"], "--bn-splits 3 must divide --batch-size 8"),
+])
+def test_bad_input_gives_one_clear_message(args, message):
+    p = run(["reco.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+
+# ------------------------------------------------------------------------------------- learning on real images
+
+
+@pytest.mark.slow
+def test_reco_learns_on_real_images(cifar_subset, tmp_path):
+    """CIFAR-10 JPEG copy, 2,000 train images: a short CPU run beats the random-init network (the run's own epoch-0
+    kNN line) on kNN top-1, as tests/test_learning.py does for ReSSL and with the same margin."""
+    out = str(tmp_path / "reco")
+    run(["reco.py", "--dataset", "imagefolder", "--data-dir", cifar_subset, "--stem", "imagenet", "--batch-size", "128",
+         "--num-workers", "0", "--eval-every", "100", "--log-every", "10", "--warmup-epochs", "1", "--epochs", "12",
+         "--queue-size", "1024", "--output-dir", out], timeout=3600)
+    knn = [m for m in read_metrics(out) if "knn_top1" in m]
+    before, after = knn[0]["knn_top1"], knn[-1]["knn_top1"]
+    print(f"ReCo kNN top-1: random init {before:.1f}% -> {after:.1f}% after 12 epochs; phi x100 "
+          f"{knn[0].get('phi')} -> {knn[-1].get('phi')}")
+    assert knn[0]["epoch"] == 0 and after >= before + 5.0, (before, after)
+
+
+if __name__ == "__main__":
+    _ddp_step(sys.argv[1])
