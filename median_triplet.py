@@ -56,7 +56,7 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
        code's value) ramped to 1 on a cosine over training.
 
 Results: not yet measured at full length (no GPU in the session that wrote this); a partial 2-CPU run is in
-docs_median_triplet.md / README "Results".
+README (median triplet section, "Results").
 """
 import copy
 import dataclasses

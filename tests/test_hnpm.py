@@ -371,7 +371,7 @@ def test_hnpm_on_real_images(cifar_subset, tmp_path):
     """CIFAR-10 JPEG copy, 2,000 train images, 8 epochs (about 25 min on 2 shared cores).
 
     NOT a learning test: measured, HNPM does not beat its random-init kNN in this budget (26.5 % -> 24.6 % with the
-    defaults, 17.7 % with --paper-optim; docs_hnpm.md "Measured"). It guards the default recipe against getting
+    defaults, 17.7 % with --paper-optim; README, HNPM section, "Measured"). It guards the default recipe against getting
     worse than that: finite losses, the mining diagnostics logged, kNN within KNN_DROP_TOLERANCE of random init.
     """
     out = str(tmp_path / "hnpm")
