@@ -75,6 +75,15 @@ def test_knn_predict_hand_computed():
     assert scores[0].tolist() == pytest.approx(expected, rel=1e-5)
 
 
+
+def test_knn_of_a_collapsed_encoder_is_chance():
+    """The floor of tests/test_learning.py rests on this: identical features predict one class for every query, so
+    on balanced classes top-1 is 1 / C (10 % on CIFAR-10)."""
+    labels = torch.arange(10).repeat(20)  # 200 memory items, balanced
+    pred = common.knn_predict(torch.ones(200, 8), labels, torch.ones(100, 8), num_classes=10, k=50).argmax(1)
+    accuracy = (pred == torch.arange(10).repeat(10)).float().mean().item()
+    assert len(set(pred.tolist())) == 1 and accuracy == pytest.approx(0.1)
+
 # ----------------------------------------------------------------------------- datasets and bad input
 
 def _image_folder(root, n=2, corrupt=False):

@@ -472,7 +472,8 @@ def test_no_collapse_on_real_images(cifar_subset, tmp_path):
     online embeddings keep their spread.
 
     Floors: at least 16 of the 128 groups receive features over the last epoch, and the per-dimension std of the
-    L2-normalised projections stays above 0.02 (0 = collapsed to one point; 1/sqrt(128) = 0.088 is isotropic).
+    L2-normalised projections stays above 0.02 (0 = collapsed to one point; 1/sqrt(128) = 0.088 is isotropic), and
+    kNN top-1 stays above 15 % (tests/test_learning.py). The learning test is the slow one in tests/test_learning.py.
     """
     out = str(tmp_path / "collapse")
     run(["smog.py", *FAST, "--data-dir", cifar_subset, "--epochs", "1", "--eval-every", "0", "--output-dir", out])
@@ -481,20 +482,7 @@ def test_no_collapse_on_real_images(cifar_subset, tmp_path):
     spread = [m["z_std"] for m in metrics if "z_std" in m]
     print(f"SMoG 1 epoch: groups used {last['groups_used']}, z_std {spread[-1]:.4f}, kNN {last['knn_top1']:.1f}%")
     assert last["groups_used"] >= 16 and min(spread) > 0.02
-
-
-@pytest.mark.slow
-def test_smog_learns(cifar_subset, tmp_path):
-    """The longer learning test (not in CI): kNN top-1 beats the random-init network by MARGIN points."""
-    out = str(tmp_path / "learn")
-    run(["smog.py", *FAST, "--data-dir", cifar_subset, "--epochs", "12", "--eval-every", "100", "--output-dir", out])
-    knn = [m for m in read_metrics(out) if "knn_top1" in m]
-    assert knn[0]["epoch"] == 0
-    print(f"SMoG kNN top-1: random init {knn[0]['knn_top1']:.1f}% -> {knn[-1]['knn_top1']:.1f}% after 12 epochs")
-    assert knn[-1]["knn_top1"] >= knn[0]["knn_top1"] + MARGIN
-
-
-MARGIN = 5.0  # percentage points (the foundation's calibration)
+    assert last["knn_top1"] > 15.0  # chance (collapse) is 10 %; tests/test_learning.py explains the floor
 
 
 # ----------------------------------------------------------------------------- 2-process helper (run as a script)
