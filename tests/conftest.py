@@ -6,6 +6,9 @@ import sys
 import zipfile
 
 import pytest
+import torch
+import torch.nn as nn
+import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_ZIP = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip")
@@ -33,6 +36,37 @@ def run(args, nproc=1, check=True, timeout=600):
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def check_backbone(out, method, eval_linear=False):
+    """backbone.pt of run `out` loads into a plain torchvision ResNet-18 (no fc); optionally eval_linear.py reads it."""
+    ckpt = torch.load(os.path.join(out, "backbone.pt"))
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict(ckpt["state_dict"])
+    assert ckpt["method"] == method and ckpt["cifar_stem"] is False
+    if eval_linear:
+        p = run(["eval_linear.py", os.path.join(out, "backbone.pt"), "--dataset", "fake", "--fake-size", "32",
+                 "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--cached"])
+        assert "top-1" in p.stdout
+
+
+def run_resumed(args, tmp_path):
+    """Runs `args` (2 epochs) straight through, and again as 1 epoch + --resume + 1 epoch. Asserts that the interrupted
+    run wrote no backbone, that the resumed one says so, ends with the same backbone and logged every step once.
+    Returns both runs' last momentum state (the module registered with Accelerate) for method-specific checks."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run(args + ["--output-dir", straight])
+    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
+    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
+    assert "resumed from" in run(args + ["--output-dir", resumed, "--resume"]).stdout
+    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    steps = [[m["step"] for m in read_metrics(out) if "loss" in m] for out in (straight, resumed)]
+    assert steps[1] == steps[0] == list(range(1, len(steps[0]) + 1))  # no step done twice or skipped
+    return [torch.load(os.path.join(out, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+            for out in (straight, resumed)]
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 
 import hnpm
-from conftest import TINY, read_metrics, run
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 SMALL = list(TINY)
@@ -246,29 +245,14 @@ def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
     assert {"hard_size", "empty_frac", "false_neg"} <= set(knn[-1])
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
-    ckpt = torch.load(os.path.join(out, "backbone.pt"))
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["state_dict"])
-    assert ckpt["method"] == "hnpm" and ckpt["cifar_stem"] is False
+    check_backbone(out, "hnpm")
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     args = ["hnpm.py", *SMALL, *HEADS, "--epochs", "2", "--eval-every", "0"]
-    run(args + ["--output-dir", straight])
-    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
-    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
-    p = run(args + ["--output-dir", resumed, "--resume"])
-    assert "resumed from" in p.stdout
-    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     # the student (EMA network) is checkpointed and ends identical too
-    sa = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
-    sb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    sa, sb = run_resumed(args, tmp_path)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [1, 2, 3, 4]
 
 
 DDP_CHECK = """

@@ -56,10 +56,10 @@ def test_one_epoch_trains_without_collapse(script, cifar_subset, tmp_path):
 # The slow runs: each script's defaults except the data-set-sized queue/groups, a 5-epoch warm-up and the epochs.
 LONG = {
     "ressl.py": ["--epochs", "100", "--warmup-epochs", "5", "--infonce-warmup-epochs", "10"],
-    "smog.py": ["--epochs", "100", "--warmup-epochs", "5"],
-    "median_triplet.py": ["--epochs", "40", "--warmup-epochs", "5"],
-    "hnpm.py": ["--epochs", "60", "--warmup-epochs", "5"],
-    "reco.py": ["--epochs", "60", "--warmup-epochs", "5"],
+    "smog.py": ["--epochs", "50", "--warmup-epochs", "5"],
+    "median_triplet.py": ["--epochs", "30", "--warmup-epochs", "5"],
+    "hnpm.py": ["--epochs", "50", "--warmup-epochs", "5"],
+    "reco.py": ["--epochs", "40", "--warmup-epochs", "5"],
 }
 
 

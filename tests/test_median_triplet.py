@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import median_triplet as mt
-from conftest import TINY, read_metrics, run
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 
@@ -287,28 +287,13 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_table5(tmp_path):
         assert 0 <= m["omega_given_a"] <= 1 and 0 <= m["rank_k_same_label"] <= 1
         assert m["omega_given_a"] <= m["omega_given_b"] <= 1
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
-    ckpt = torch.load(os.path.join(out, "backbone.pt"))
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["state_dict"])
-    assert ckpt["method"] == "median_triplet" and ckpt["cifar_stem"] is False
+    check_backbone(out, "median_triplet")
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     args = ["median_triplet.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0", "--rank-k", "3"]
-    run(args + ["--output-dir", straight])
-    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
-    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
-    p = run(args + ["--output-dir", resumed, "--resume"])
-    assert "resumed from" in p.stdout
-    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    ta = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
-    tb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    ta, tb = run_resumed(args, tmp_path)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the EMA target
-    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == list(range(1, 9))
 
 
 DDP_CHECK = """

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import ressl
-from conftest import TINY, read_metrics, run
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
 
@@ -150,32 +149,13 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100 and "teacher_nn_same_label" in knn[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
     # backbone.pt loads into a plain torchvision ResNet-18 (no fc)
-    ckpt = torch.load(os.path.join(out, "backbone.pt"))
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["state_dict"])
-    assert ckpt["method"] == "ressl" and ckpt["cifar_stem"] is False
-    p = run(["eval_linear.py", os.path.join(out, "backbone.pt"), "--dataset", "fake", "--fake-size", "32",
-             "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--cached"])
-    assert "top-1" in p.stdout
+    check_backbone(out, "ressl", eval_linear=True)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     args = ["ressl.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0"]
-    run(args + ["--output-dir", straight])
-    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
-    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
-    p = run(args + ["--output-dir", resumed, "--resume"])
-    assert "resumed from" in p.stdout
-    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    qa = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
-    qb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    qa, qb = run_resumed(args, tmp_path)
     assert torch.equal(qa["queue"], qb["queue"]) and torch.equal(qa["ptr"], qb["ptr"])
-    # no step was done twice: the resumed run logged only epoch 2's steps
-    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == list(range(1, 9))
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import smog  # noqa: E402
-from conftest import TINY, read_metrics, run  # noqa: E402
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed  # noqa: E402
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--num-groups", "8", "--reset-every", "3"]
 
@@ -374,14 +373,7 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
     assert 1 <= knn[-1]["groups_used"] <= 8 and knn[-1]["group_label_entropy"] >= 0 and "same_group" in knn[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
-    ckpt = torch.load(os.path.join(out, "backbone.pt"))
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["state_dict"])
-    assert ckpt["method"] == "smog" and ckpt["cifar_stem"] is False
-    p = run(["eval_linear.py", os.path.join(out, "backbone.pt"), "--dataset", "fake", "--fake-size", "32",
-             "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--cached"])
-    assert "top-1" in p.stdout
+    check_backbone(out, "smog", eval_linear=True)
 
 
 def test_ablation_flags_run(tmp_path):
@@ -395,21 +387,10 @@ def test_ablation_flags_run(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     """--reset-every 3 with 4 steps per epoch: the reset at step 6 uses cached features from epoch 1."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     args = ["smog.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0"]
-    run(args + ["--output-dir", straight])
-    run(args + ["--output-dir", resumed, "--stop-after-epochs", "1"])
-    assert not os.path.exists(os.path.join(resumed, "backbone.pt"))
-    p = run(args + ["--output-dir", resumed, "--resume"])
-    assert "resumed from" in p.stdout
-    a, b = torch.load(os.path.join(straight, "backbone.pt")), torch.load(os.path.join(resumed, "backbone.pt"))
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    sa = torch.load(os.path.join(straight, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
-    sb = torch.load(os.path.join(resumed, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    sa, sb = run_resumed(args, tmp_path)
     for k in ("groups", "cache", "seen"):
         assert torch.equal(sa[k], sb[k]), k
-    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == list(range(1, 9))
 
 
 def test_two_processes_equal_one(tmp_path):
