@@ -7,9 +7,11 @@ Run:    accelerate launch smog.py --data-dir data            (CIFAR-10, download
 Smoke:  python smog.py --dataset fake --epochs 2 --batch-size 32 --num-workers 0 --reset-every 4
 Ablations: --num-groups (Table 7c), --beta-schedule linear|fixed --beta-end (Table 7a), --reset-every,
            --no-kmeans-reset, --no-encoder-reset (Table 7b), --group-update momentum|average|latest|random (Table 7d),
-           --detach-groups (the authors' released code: no gradient through the groups; the paper has it).
+           --group-update average-paper (Table 7d's printed 1/n weight), --detach-groups (no gradient through the
+           groups: reported for the authors' released code, which we could not find to check; the paper has it),
+           --crop-min-scale (BYOL's 0.08 by default).
 
-Reads with: Sec. 3.1 (Eqs. 2-3; `smog_loss`), Sec. 3.2 (momentum network, Eq. 4 `assign_groups` / `update_groups`,
+Reads with: Sec. 3.1 (Eq. 3 `smog_loss`; Eq. 2 is the variant the paper discards), Sec. 3.2 (momentum network, Eq. 4 `assign_groups` / `update_groups`,
 "Avoiding Collapse" `periodic_reset`), Sec. 3.4 (views `byol_view`, heads, alpha, beta, 3k groups, 300-iteration
 resets), Sec. 4.4 (Fig. 5 group label entropy, logged as group_label_entropy; Table 7 a-d, flags above).
 
@@ -40,20 +42,19 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
        group is normalised again.
     4. Initial groups: "initialized with K-means" on unnamed features; here spherical k-means on the online
        projections of the first global batch (--group-init kmeans), or random unit vectors (--group-init random,
-       the paper's other option).
+       the paper's other option). With more groups than images in the first batch (the paper's l = 3000), the
+       groups beyond the batch size start as random unit vectors; the first k-means reset relocates all of them.
     5. Eq. (3) is asymmetric and the paper alternates the schemes between the streams rather than symmetrising:
        one direction per iteration, and the views swap schemes every iteration (Sec. 3.4).
     6. k-means ("Avoiding Collapse", Table 7b): spherical k-means (cosine, unit centroids) with 10 Lloyd
        iterations (`--kmeans-iters`), initialised from random cached features, on the online projections of the
        last `--reset-every` iterations gathered from every process; an empty cluster keeps its previous centroid.
        The momentum network is reset at the same iterations (weights and BN statistics copied from f_theta).
-    7. Table 7d's other rules: "latest" is beta = 0; "average" uses the sequential k-means weight m_k / n_k (this
-       batch's count over the running count, restarted from the cluster sizes at each k-means), where the paper
-       prints 1/n with a mean of m_k features; "random" re-draws every group from the current global batch's
-       online features each iteration (with replacement when there are more groups than images).
-    8. Views: BYOL's two schemes (colour jitter 0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale p 0.2, Gaussian blur p 1.0
-       / 0.1, solarisation p 0 / 0.2), crop scale (0.2, 1) at CIFAR scale as in the other scripts (BYOL: 0.08),
-       blur kernel about 10 % of the image side.
+    7. Table 7d's other rules: "latest" is beta = 0; "random" re-draws every group from distinct rows of the
+       current global batch's online features each iteration (with replacement only when there are more groups
+       than images); n_k of the "average" rules is restarted from the cluster sizes at each k-means (Deviation 4).
+    8. Views: BYOL's two schemes (random resized crop scale (0.08, 1), colour jitter 0.4, 0.4, 0.2, 0.1 with p 0.8,
+       grayscale p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2), blur kernel about 10 % of the side.
     9. BatchNorm: global (plain BN on one process, SyncBatchNorm on several GPUs); the paper does not say.
    10. Diagnostics, accumulated over the epoch before each kNN line: groups_used = groups that received at least
        one online feature; group_label_entropy = Fig. 5's entropy sum_i -p_i log p_i of the class mix of each used
@@ -68,9 +69,14 @@ Deviations (each marked in the code):
     2. alpha = 0.99 (DESIGN.md's small-scale value) instead of ImageNet's 0.999: with 195 iterations per CIFAR epoch
        and a reset every 300 iterations, alpha = 0.999 would keep f^_eta at 74 % of its reset snapshot for the whole
        period (0.999^300), while 0.99 follows f_theta within about 100 iterations. Not measured.
-    3. l = 256 groups instead of 3000: the paper keeps about one group per image of the batch (3000 at 4096) and
-       Table 7c shows accuracy flat from 1k to 10k on ImageNet's 1000 classes; 256 = the global batch, still 25
-       groups per CIFAR-10 class. Not measured.
+    3. l = 256 groups instead of 3000: the paper's 3000 groups at batch 4096 are 0.73 groups per image of a batch,
+       about 190 at CIFAR's batch 256, and Table 7c shows accuracy flat from 1k to 10k groups for ImageNet's 1000
+       classes (300 is too few there); 256 = one per image of the global batch, 25 per CIFAR-10 class. Not
+       measured: --num-groups 3000 is the paper's value.
+    4. Table 7d's "average" rule: the paper prints g_k <- g_k + (1/n)(mean - g_k), n counting this iteration's
+       instances too. With the mean of m_k new instances, 1/n under-weights them m_k-fold and the group is no
+       longer the average of its instances, so `--group-update average` uses m_k / n_k (sequential k-means, the
+       exact running average); `--group-update average-paper` is the printed 1/n.
 
 Results: not yet measured at full length (no GPU in the session that wrote this); see README "Results". CPU sanity
 run only (docs: 30 steps on a 2,000-image CIFAR-10 subset): 83 of 128 groups used, no collapse, no kNN gain yet.
@@ -136,22 +142,23 @@ class Config:
     tau: float = 0.1  # temperature of Eq. (3) (Sec. 3.4)
     beta_schedule: Literal["linear", "fixed"] = "linear"  # beta of Eq. (4): 1.0 -> --beta-end, or fixed (Table 7a)
     beta_end: float = 0.99  # final beta (Table 7a)
-    group_update: Literal["momentum", "average", "latest", "random"] = "momentum"  # group update rule (Table 7d)
+    group_update: Literal["momentum", "average", "average-paper", "latest", "random"] = "momentum"  # rule (Table 7d)
     group_init: Literal["kmeans", "random"] = "kmeans"  # initial groups (Sec. 3.2; Interpretation 4)
     reset_every: int = 300  # iterations between periodic resets (Sec. 3.4, Table 7b); 0: never
     kmeans_reset: bool = True  # relocate the groups by k-means at each reset (--no-kmeans-reset: Table 7b)
     encoder_reset: bool = True  # reset f^_eta to f_theta at each reset (--no-encoder-reset: Table 7b)
     kmeans_iters: int = 10  # Lloyd iterations of the spherical k-means (Interpretation 6)
-    detach_groups: bool = False  # stop gradient at the groups, as the released code does (the paper does not)
+    detach_groups: bool = False  # stop gradient at the groups (reported for the released code; the paper does not)
+    crop_min_scale: float = 0.08  # lower bound of the random resized crop (BYOL's, Sec. 3.4)
 
 
 # ----------------------------------------------------------------------------- Augmentations
 
-def byol_view(size, mean_std, blur_p, solarize_p):
+def byol_view(size, mean_std, blur_p, solarize_p, crop_min_scale=0.08):
     """One of BYOL's two schemes (Sec. 3.4; Interpretation 8): same colour jitter, different blur / solarisation."""
     return T.Compose([
         T.ToImage(),
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+        T.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
@@ -288,7 +295,7 @@ class MomentumState(nn.Module):
         self.target.requires_grad_(False)
         self.register_buffer("groups", F.normalize(torch.randn(num_groups, dim), dim=1))  # (K, D)
         self.register_buffer("cache", torch.zeros(cache_size, dim))  # (reset_every * global batch, D)
-        self.register_buffer("seen", torch.zeros(num_groups))  # n_k of the "average" rule (Interpretation 7)
+        self.register_buffer("seen", torch.zeros(num_groups))  # n_k of the "average" rules (Deviation 4)
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))  # groups set by k-means yet?
 
 
@@ -321,14 +328,17 @@ def spherical_kmeans(
     """Spherical k-means (cosine similarity, unit centroids) in torch, on x's device.
 
     x (N, D) features; returns centroids (k, D) unit rows and counts (k,) of the last assignment. Initial centroids are
-    k distinct random rows (with replacement when N < k); a centroid left empty keeps its previous value.
+    k distinct random rows; when N < k, all N rows plus k - N random unit vectors (copies of a row would never win an
+    argmax and stay dead). A centroid left empty keeps its previous value.
     """
     x = F.normalize(x.float(), dim=1)  # (N, D)
     n = x.shape[0]
     if n == 0:
         raise ValueError("spherical_kmeans needs at least one feature")
-    idx = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
-    centroids = x[idx.to(x.device)].clone()  # (k, D)
+    centroids = x[torch.randperm(n, generator=generator)[:k].to(x.device)]  # (min(n, k), D)
+    if n < k:
+        extra = F.normalize(torch.randn(k - n, x.shape[1], generator=generator), dim=1).to(x.device)
+        centroids = torch.cat([centroids, extra])  # (k, D)
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters + 1):
         assign = torch.cat([(xc @ centroids.T).argmax(dim=1) for xc in x.split(chunk)])  # (N,)
@@ -361,23 +371,25 @@ def group_step(groups, z, assign, rule, beta, seen, generator):
     """One iteration's group features under the update rules of Table 7d -> (new groups (K, D), global counts (K,)).
 
     The new groups carry gradient to z (the online projections of this process). momentum: Eq. (4) with beta;
-    latest: beta = 0; average: beta_k = 1 - m_k / (n_k + m_k) (Interpretation 7); random: every group re-drawn
-    from the global batch's features (generator: same seed on every process).
+    latest: beta = 0; average: beta_k = 1 - m_k / n_k, average-paper: beta_k = 1 - 1 / n_k, with n_k counting this
+    batch too (Deviation 4); random: every group re-drawn from the global batch's features (generator: same seed on
+    every process).
     """
     K = groups.shape[0]
+    if rule in ("momentum", "latest"):
+        return update_groups(groups, z, assign, beta if rule == "momentum" else 0.0, return_counts=True)
     counts = group_counts(assign, K)
-    if rule == "momentum":
-        return update_groups(groups, z, assign, beta), counts
-    if rule == "latest":
-        return update_groups(groups, z, assign, 0.0), counts
-    if rule == "average":
-        # Interpretation 7: sequential k-means, g_k + m_k / n_k * (mean - g_k) with n_k counting this batch too
-        return update_groups(groups, z, assign, 1.0 - counts / (seen + counts).clamp(min=1)), counts
+    if rule in ("average", "average-paper"):
+        # Deviation 4: g_k + m_k / n_k * (mean - g_k), the running average; the paper prints 1 / n_k
+        n = (seen + counts).clamp(min=1)
+        return update_groups(groups, z, assign, 1.0 - (counts if rule == "average" else 1.0) / n), counts
     if rule == "random":
         z_all = _all_gather_with_grad(z)  # (N, D)
-        idx = torch.randint(len(z_all), (K,), generator=generator).to(z_all.device)
+        n = len(z_all)  # distinct rows; with replacement only when there are more groups than rows
+        idx = torch.randperm(n, generator=generator)[:K] if n >= K else torch.randint(n, (K,), generator=generator)
+        idx = idx.to(z_all.device)
         return F.normalize(z_all[idx].float(), dim=1), counts
-    raise ValueError(f"--group-update must be momentum, average, latest or random, got {rule!r}")
+    raise ValueError(f"--group-update must be momentum, average, average-paper, latest or random, got {rule!r}")
 
 
 @torch.no_grad()
@@ -435,7 +447,7 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     # Eq. (4), second line: synchronous update; gradient flows from the new groups to z_a (and to other processes)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     new_groups, counts = group_step(groups, z_a, assign, cfg.group_update, beta, state.seen, g)
-    # Eq. (3) with the updated groups; --detach-groups cuts the path through them (the released code)
+    # Eq. (3) with the updated groups; --detach-groups cuts the path through them
     loss = smog_loss(p_a, new_groups.detach() if cfg.detach_groups else new_groups, target, cfg.tau)
     with torch.no_grad():
         lab = labels >= 0  # STL-10's unlabelled images carry -1
@@ -478,8 +490,8 @@ def train(cfg: Config):
     logger = common.MetricLogger(os.path.join(out, "metrics.jsonl"), accelerator.is_main_process)
 
     # Sec. 3.4: BYOL's two schemes (strong blur / solarisation); forward_loss alternates them between the streams
-    views = [byol_view(size, mean_std, blur_p=1.0, solarize_p=0.0),
-             byol_view(size, mean_std, blur_p=0.1, solarize_p=0.2)]
+    views = [byol_view(size, mean_std, blur_p=1.0, solarize_p=0.0, crop_min_scale=cfg.crop_min_scale),
+             byol_view(size, mean_std, blur_p=0.1, solarize_p=0.2, crop_min_scale=cfg.crop_min_scale)]
     train_set = common.MultiView(pretrain, views, seed=cfg.seed)
     loader = common.make_loader(train_set, cfg.batch_size, accelerator.num_processes, True, cfg.num_workers)
     eval_tf = common.eval_transform(size, mean_std)
@@ -591,6 +603,8 @@ def check_config(cfg):
         raise common.UserError(f"--tau must be positive, got {cfg.tau}.")
     if cfg.reset_every < 0:
         raise common.UserError(f"--reset-every must be 0 (never) or positive, got {cfg.reset_every}.")
+    if not 0.0 < cfg.crop_min_scale <= 1.0:
+        raise common.UserError(f"--crop-min-scale must lie in (0, 1], got {cfg.crop_min_scale}.")
     if cfg.kmeans_iters < 0:
         raise common.UserError(f"--kmeans-iters must be 0 or positive, got {cfg.kmeans_iters}.")
 

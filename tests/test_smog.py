@@ -227,9 +227,30 @@ def test_spherical_kmeans_recovers_separated_clusters():
 
 def test_spherical_kmeans_deterministic_and_fewer_points_than_groups():
     x = torch.randn(7, 5)
-    a, _ = smog.spherical_kmeans(x, 10, generator=torch.Generator().manual_seed(1))
+    a, counts = smog.spherical_kmeans(x, 10, generator=torch.Generator().manual_seed(1))
     b, _ = smog.spherical_kmeans(x, 10, generator=torch.Generator().manual_seed(1))
     assert a.shape == (10, 5) and torch.equal(a, b)
+    # no two centroids coincide (a copy of a row could never win an argmax): every point keeps its own centroid
+    assert (a @ a.T - torch.eye(10)).max() < 1 - 1e-4
+    assert counts.sum() == 7 and (counts <= 1).all()
+
+
+def test_group_step_rules_hand_case():
+    """Table 7d on one group with 2 earlier instances (n_k = 2 + 2): average weighs the batch mean by m_k/n_k = 1/2,
+    average-paper by the printed 1/n_k = 1/4; random draws distinct rows when the batch has enough of them."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both rows -> group 0, mean (0, 1)
+    assign, seen = torch.tensor([0, 0]), torch.tensor([2.0, 0.0])
+    avg, counts = smog.group_step(g, z, assign, "average", 0.9, seen, None)
+    assert torch.equal(counts, torch.tensor([2.0, 0.0]))
+    assert torch.allclose(avg[0], F.normalize(torch.tensor([0.5, 0.5]), dim=0)) and torch.equal(avg[1], g[1])
+    paper, _ = smog.group_step(g, z, assign, "average-paper", 0.9, seen, None)
+    assert torch.allclose(paper[0], F.normalize(torch.tensor([0.75, 0.25]), dim=0))
+    for seed in range(20):
+        rows = torch.eye(6)
+        drawn, _ = smog.group_step(torch.zeros(4, 6), rows, torch.zeros(6, dtype=torch.long), "random", 0.9,
+                                   torch.zeros(4), torch.Generator().manual_seed(seed))
+        assert drawn.argmax(1).unique().numel() == 4  # four distinct rows of the six
 
 
 # ----------------------------------------------------------------------------- forward_loss, periodic resets
@@ -433,6 +454,7 @@ def test_bad_input_gives_one_clear_message():
     ("tau", 0.0, "--tau must be positive"),
     ("reset_every", -1, "--reset-every must be 0 (never) or positive"),
     ("kmeans_iters", -2, "--kmeans-iters must be 0 or positive"),
+    ("crop_min_scale", 0.0, "--crop-min-scale must lie in (0, 1]"),
 ])
 def test_check_config(field, value, message):
     import common
