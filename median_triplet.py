@@ -7,21 +7,23 @@ the same loss "truncated triplet"). Text: ../shared/papers/median_triplet.md.
 Run:    accelerate launch median_triplet.py --data-dir data            (CIFAR-10, downloaded into data/)
 Smoke:  python median_triplet.py --dataset fake --epochs 2 --batch-size 32 --num-workers 0
 Ablations: --rank-k 1 | 5 | 0 (0 = median; Table 7), --margin 0.3 | 1.2 | 100 (Table 6), --gamma (Sec. 3.2).
+           Eq. (1), the hardest triplet, is --rank-k 1 --gamma 1.
 
 Reads with: Sec. 3.2 (Eq. 2, the rank-k triplet; `triplet_loss`), Sec. 3.3 (Bernoulli model;
 `over_clustering_probability`), Sec. 4 "Other protocols" (optimisation, beside the CIFAR defaults below), Sec. 5
 Table 5 (`overclustering_events`, logged per epoch as omega_given_a / omega_given_b / rank_k_same_label), Table 6
 (--margin), Table 7 (--rank-k).
 
-Glossary (the paper's names; the network is BYOL's, which the paper builds on):
+Glossary (x, x+, x-, d, m, k, gamma, C are the paper's; online/target are BYOL's, Interpretation 8):
     online    backbone -> projector -> predictor; gets the gradient; its output p is the anchor x of Eq. (2).
     target    EMA of the online backbone and projector, momentum ramped from --ema-momentum to 1 on a cosine (BYOL);
               its output z gives the positive x+ (the other view of the same image) and the negatives.
     d(x, y)   -cos(x, y) (Sec. 3.2).
     m         negatives per anchor: all other images of the GLOBAL batch, m = batch_size - 1 (255 by default). The
               paper's analysis uses m = 104 (its per-GPU batch, Sec. 3.3).
-    k         rank of the negative used, 1-based over distances sorted ascending; default m // 2 (the median; 127
-              here); k = 1 is the hardest negative.
+    k         rank of the negative used, 1-based over distances sorted ascending; default m // 2 (DESIGN.md's
+              median rule: it gives the paper's k = 52 for m = 104; for the default odd m = 255 it is 127, one rank
+              below the exact middle 128); k = 1 is the hardest negative.
     gamma     weight of the positive distance (2); C the margin (100: the hinge never clips since |d| <= 1).
     A, B, Omega  Table 5's events: A every batch; B a batch holding two images of one class; Omega a batch in which
               some anchor's rank-k negative has the anchor's own label (labels used only for this monitor).
@@ -42,11 +44,14 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
     3. Sec. 3.3's Pr = sum_{j=k..m} C(m, j) p^j (1 - p)^(m - j) is implemented as written. The paper's printed values
        (6.53e-121 for m = 104, k = 52, p = 1/1000 and 3.03e-94 for k = 5) do not follow from that formula: exact
        rational arithmetic (fractions.Fraction, see the tests) gives 1.504e-126 and 8.469e-8.
-    4. For even m the median is the lower one, k = m // 2 (DESIGN.md); the symmetrised loss is the SUM of both
-       directions (online view 1 vs target view 2, and the reverse).
-    5. Augmentations: Sec. 4 names the operations only; their parameters are BYOL's (colour jitter 0.4, 0.4, 0.2,
-       0.1 with p 0.8, grayscale p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2 for views 1 / 2), with the
-       crop scale (0.2, 1) used at CIFAR scale by the other scripts here (BYOL: 0.08).
+    4. The median is k = m // 2 (DESIGN.md; the paper's "k = m/2 = 52" for m = 104); for odd m this is one rank
+       below the middle one, which the official code's torch.median would pick. The symmetrised loss is the SUM of
+       both directions (online view 1 vs target view 2, and the reverse), as the official code.
+    5. Augmentations: Sec. 4 names the operations only; their parameters are BYOL's (random resized crop scale
+       (0.08, 1) `--crop-min-scale`, colour jitter 0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale p 0.2, Gaussian blur
+       p 1.0 / 0.1, solarisation p 0 / 0.2 for views 1 / 2). "Randomly resizing" is read as the resize of the random
+       resized crop; the official code also rescales each ImageNet batch to a random resolution (96-224 px online,
+       128-224 px target), which has no counterpart at 32 px and is not reproduced.
     6. Table 5: the "batch" is one step's global batch, its anchors are both directions' anchors;
        Pr(Omega|A) = #batches with Omega / #batches, Pr(Omega|B) = #batches with Omega / #batches with B;
        rank_k_same_label is the per-anchor rate. Accumulated over each epoch (epoch 1 stands for "epoch 0"). With
@@ -54,6 +59,9 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
        rate (chance 1/10) is the informative figure there.
     7. Target momentum: the paper cites BYOL's mean teacher without values; base 0.99 (DESIGN.md, and the official
        code's value) ramped to 1 on a cosine over training.
+    8. Network: the paper describes no heads. Its protocols follow BYOL and its official code is BYOL with the
+       triplet head: online = backbone -> projector (4096 -> 256) -> predictor, target = EMA backbone -> projector;
+       the anchor x is the online prediction, x+ and the negatives are target projections.
 
 Results: not yet measured at full length (no GPU in the session that wrote this); a partial 2-CPU run is in
 README (median triplet section, "Results").
@@ -117,16 +125,17 @@ class Config:
     rank_k: int = 0  # k of Eq. (2): rank of the negative, 1 = hardest; 0: the median m // 2 (Table 7)
     gamma: float = 2.0  # weight of the positive distance in Eq. (2) (Sec. 3.2)
     margin: float = 100.0  # C of Eq. (2) (Table 6: 0.3, 1.2, 100)
+    crop_min_scale: float = 0.08  # lower bound of the random resized crop (BYOL's; Interpretation 5)
 
 
 # ----------------------------------------------------------------------------- Augmentations
 
-def byol_view(size, mean_std, blur_p, solarize_p):
+def byol_view(size, mean_std, blur_p, solarize_p, crop_min_scale=0.08):
     """Sec. 4's views: crop, resize, flip, colour jitter, grayscale, Gaussian blur, solarisation (Interpretation 5:
-    BYOL's parameters; crop scale (0.2, 1) at CIFAR scale)."""
+    BYOL's parameters)."""
     return T.Compose([
         T.ToImage(),
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+        T.RandomResizedCrop(size, scale=(crop_min_scale, 1.0), antialias=True),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
@@ -343,6 +352,8 @@ def train(cfg: Config):
     if not 0 <= cfg.rank_k <= cfg.batch_size - 1:
         raise common.UserError(f"--rank-k {cfg.rank_k} must lie in [1, batch_size - 1 = {cfg.batch_size - 1}] "
                                f"(the number of negatives), or be 0 for the median.")
+    if not 0.0 < cfg.crop_min_scale <= 1.0:
+        raise common.UserError(f"--crop-min-scale must lie in (0, 1], got {cfg.crop_min_scale}.")
 
     run = [cfg.output_dir or os.path.join("runs", f"median_triplet-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
     broadcast_object_list(run)  # one name on every process
@@ -353,8 +364,8 @@ def train(cfg: Config):
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     logger = common.MetricLogger(os.path.join(out, "metrics.jsonl"), accelerator.is_main_process)
 
-    views = [byol_view(size, mean_std, blur_p=1.0, solarize_p=0.0), byol_view(size, mean_std, blur_p=0.1,
-                                                                              solarize_p=0.2)]
+    views = [byol_view(size, mean_std, blur_p=1.0, solarize_p=0.0, crop_min_scale=cfg.crop_min_scale),
+             byol_view(size, mean_std, blur_p=0.1, solarize_p=0.2, crop_min_scale=cfg.crop_min_scale)]
     train_set = common.MultiView(pretrain, views, seed=cfg.seed)
     loader = common.make_loader(train_set, cfg.batch_size, accelerator.num_processes, True, cfg.num_workers)
     eval_tf = common.eval_transform(size, mean_std)

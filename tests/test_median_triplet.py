@@ -361,6 +361,7 @@ def test_two_process_training_run(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rank-k", "8"], "--rank-k 8 must lie in [1, batch_size - 1 = 7]"),
     (["--batch-size", "1"], "at least 2 images per batch"),
+    (["--crop-min-scale", "0"], "--crop-min-scale must lie in (0, 1]"),
 ])
 def test_bad_input_gives_one_clear_message(args, message):
     p = run(["median_triplet.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
