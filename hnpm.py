@@ -6,7 +6,7 @@ and no arXiv id. No public code exists: the text is the only specification, and 
 make is a numbered Interpretation below (marked `# Interpretation n:` in the code).
 
 Run:    accelerate launch hnpm.py --data-dir data            (CIFAR-10, downloaded into data/)
-Paper:  accelerate launch hnpm.py --data-dir data --paper-optim --batch-size 160   (Sec. 3.5 optimisation)
+Paper:  accelerate launch hnpm.py --data-dir data --paper-optim --batch-size 160 --epochs 100   (Sec. 3.5)
 Smoke:  python hnpm.py --dataset fake --fake-size 128 --epochs 2 --batch-size 32 --num-workers 0 --stem imagenet
             --proj-hidden 256 --output-dir /tmp/hnpm-smoke
 
@@ -44,11 +44,12 @@ Interpretations (the text is ambiguous or silent):
     7. The paper names no head ("we use residual networks as the student and teacher"). Default: backbone -> 2-layer
        MLP (Linear-BN-ReLU-Linear, 4096 -> 256) as in BYOL, which the paper compares with. `--no-projector` uses the
        backbone's pooled features; they are post-ReLU (>= 0), so after L-inf normalisation every DisSim is <= 1 and
-       every pair is "hard" (mining then selects nothing; `hard_size` shows it).
+       every pair is "hard" (mining then excludes nothing; `hard_size` shows it).
     8. "crop each image with random crop size of scale range [0.8, 1.0]" is a random resized crop back to the
        training size (torchvision RandomResizedCrop, default aspect ratios).
     9. Eq. (6) is applied to the floating-point BN running statistics too (integer counters are copied), so τ = 0
-       copies the teacher and τ = 1 freezes the student entirely (Table 7's two ends).
+       copies the teacher and τ = 1 freezes the student's parameters (Table 7's two ends; its own train-mode
+       forward still moves its running statistics, which its batch-statistics outputs never use).
     10. The student runs in train mode (batch statistics), like the EMA networks of the other scripts. The kNN
         monitor and backbone.pt use the TEACHER's backbone (the trained network; the paper does not say which one it
         evaluates).
@@ -56,13 +57,18 @@ Interpretations (the text is ambiguous or silent):
         ImageNet / --dataset imagefolder.
     12. `--paper-optim`, "cosine annealing with the maximum number of iterations as 100": read as PyTorch's
         CosineAnnealingLR(T_max=100) stepped per epoch over a 100-epoch run, i.e. one half-cosine to 0 over the run,
-        no warm-up; here it spans --epochs.
+        no warm-up. The code evaluates it per step over --epochs, so pass --epochs 100 for the paper's length.
+    13. Augmentation probabilities are per image ("to random 80% training images in each batch" becomes p = 0.8
+        for each image, not exactly 80 % of each batch); "a random Gaussian kernel of size 3x3 and standard deviation
+        of 1.5x1.5" is a 3x3 blur with sigma 1.5 in both directions.
 
 Deviations from the paper (each marked `# Deviation n:` in the code):
     1. Optimisation defaults to the project's CIFAR recipe (SGD momentum 0.9, lr 0.06 x batch/256, wd 5e-4, 10
        warm-up epochs, cosine, batch 256) instead of the paper's Adam lr 0.1, batch 160. Measured (short CPU run on
        2,000 images, see Results): the paper's Adam at lr 0.1 moved kNN top-1 from 26.5 % (random init) DOWN to
-       17.7 % in 8 epochs, the SGD recipe to 24.6 %. `--paper-optim --batch-size 160` restores the paper's recipe.
+       17.7 % in 8 epochs, the SGD recipe to 24.6 %. Both ended below the random-init network, so this shows that
+       Adam at lr 0.1 degrades more, not that SGD works; see Results for the longer runs.
+       `--paper-optim --batch-size 160 --epochs 100` restores the paper's recipe.
     2. BatchNorm: plain BN on one process, SyncBatchNorm on several GPUs (never on CPU), so the batch statistics are
        those of the global batch whatever the number of GPUs. The paper says nothing about BN.
 
@@ -327,7 +333,8 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
 
 def forward_loss(teacher, student, views, labels, cfg, accelerator):
     """One step's loss over the GLOBAL batch (identical on every process) -> (loss, logs)."""
-    x_t, x_s = views  # A(I) for the teacher, the un-augmented I for the student (Eq. 1)
+    x_t, x_s = views  # A(I) for the teacher, the un-augmented I for the student
+    # Eq. (1): U = T(A(I); θ_T), U' = S(I; θ_S)
     u_t = teacher(x_t)  # (b, D), b = this process's share
     with torch.set_grad_enabled(cfg.student_grad), accelerator.autocast():
         u_s = student(x_s)  # (b, D)

@@ -2,7 +2,7 @@
 
 Y. Zhang, C. Liu, Y. Zhou, W. Wang, Q. Ye, X. Ji. "Beyond Instance Discrimination: Relation-aware Contrastive
 Self-supervised Learning", IEEE journal paper (the text copy names no venue), arXiv:2211.01796.
-Text: ../shared/papers/reco.md. Authors' code: github.com/zhangyifei01/EIR (read for Interpretations 1 and 4).
+Text: ../shared/papers/reco.md. Authors' code: github.com/zhangyifei01/EIR (read for Interpretations 1-4 and 6).
 
 Run:    accelerate launch reco.py --data-dir data            (CIFAR-10, downloaded into data/)
 Smoke:  python reco.py --dataset fake --epochs 2 --batch-size 32 --num-workers 0 --queue-size 256
@@ -19,10 +19,13 @@ Glossary (the paper's names -> code):
     f_theta^     momentum (key) encoder, EMA of f_theta; `MomentumState.momentum_encoder`.
     x_i, x^_i    two strong (MoCo-v2) views; x_i goes to f_theta, x^_i to f_theta^.
     x-_i         the weak view (random resized crop + flip only, Sec. III-B), encoded by f_theta^ (Table VI "o/t").
-    v_i, v^_i    L2-normalised features f_theta(x_i) (`q`) and f_theta^(x^_i) (keys `k`); v-_i = f_theta^(x-_i).
+    v_i, v^_i    L2-normalised features of f_theta(x_i) and f_theta^(x^_i); `q` is the raw head output (each loss
+                 normalises it), the keys `k` are stored normalised; v-_i = f_theta^(x-_i).
     queue        the memory bank / queue of the last K keys v^_j (FIFO); negatives of Eqs. (1) and (6).
     S^o, S^t     online / target similarity distributions over the memory bank, temperatures tau_ot, tau_tt (Eq. 3).
-    r            interpolation ratio ~ Beta(alpha, alpha), alpha = 1; with CutMix, the kept-area fraction of x_i.
+    r            interpolation ratio ~ Beta(alpha, alpha), alpha = 1; with CutMix, the kept-area fraction of x_i
+                 after the box is clipped to the image (as CutMix and the authors' code), which is what Eq. (5) uses;
+                 clipping makes its mean about 0.7 rather than 0.5 at 32 px.
     j            the partner of sample i: j = randperm(batch)[i] (Sec. III-C).
     v_ij, v~_ij  feature of the interpolated image (Eq. 4) and the interpolated target feature (Eq. 5, no gradient).
     lambda_1/2   weights of L_global and L_local in Eq. (2) (1 and 2, Table II).
@@ -39,7 +42,7 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
        global batch (the key-view images are gathered anyway for shuffle BN); the authors' code permutes per GPU.
     4. Memory bank of Eq. (3): the text says "the memory bank", i.e. the MoCo queue of strong keys v^_j
        (`--global-bank key`, default). The authors' code keeps a second queue of weak-view keys v-_j for it
-       (`--global-bank weak`).
+       (`--global-bank weak`), so the paper's tables were produced with that choice.
     5. Table III: S_p excludes x_i itself; features are the L2-normalised backbone features of the test split (the
        kNN features); logged x100 as in the table.
     6. The weak view's crop scale is (0.2, 1), as the strong views and the authors' code.
@@ -53,8 +56,10 @@ Deviations:
        encoder uses global BN (SyncBatchNorm on several GPUs) instead of MoCo's per-GPU BN, so that a result does
        not depend on the number of GPUs.
     2. Small-scale defaults (DESIGN.md), paper ImageNet values beside each field: lr 0.06 x batch/256 with 10 warm-up
-       epochs (paper 0.03, cosine, no warm-up), momentum 0.99 (paper 0.999), K 4096 on 32-px data (paper 65536).
-       None of these has been tuned or measured against the paper values here.
+       epochs (paper 0.03, cosine, no warm-up), momentum 0.99 (paper 0.999), K 4096 on 32-px data (paper 65536,
+       more than CIFAR's 50,000 images: the queue would hold stale copies of the same images), ResNet-18 with the
+       CIFAR stem on 32 px (paper ResNet-50 at 224 px). None of these has been tuned or measured against the paper
+       values here.
 
 Results: not yet measured (no GPU in the session that wrote this); see README "Results".
 """
@@ -267,8 +272,8 @@ def interpolated_target(v, v_partner, r):
 def local_interpolation_loss(v_mix, v_target, queue, tau=0.2):
     """Local interpolation relation, Eq. (6) -> scalar. v_mix (B, D) online features of the interpolated images
     (carry gradient); v_target (B, D) interpolated features of Eq. (5) (stop-gradient); queue (K, D) negatives."""
-    # Eq. (6): -1/N sum_i log exp(v_ij . v~_ij / tau) / (exp(v_ij . v~_ij / tau) + sum_k exp(v_ij . v~_k / tau))
     # Interpretation 2: the positive is in the denominator, as in Eq. (1)
+    # Eq. (6): -1/N sum_i log exp(v_ij . v~_ij / tau) / (exp(v_ij . v~_ij / tau) + sum_k exp(v_ij . v~_k / tau))
     return infonce_loss(v_mix, v_target.detach(), queue, tau)
 
 
@@ -423,6 +428,7 @@ def forward_loss(online, state, views, cfg, step, accelerator):
             x_mix, r_eff = cutmix(x_q, x_k_all[j], r, generator=g)
         else:
             x_mix, r_eff = mixup(x_q, x_k_all[j], r)
+        # Eq. (4): v_ij = f_theta(x_ij), beside v_i = f_theta(x_i)
         q, v_mix = online(x_q, x_mix)  # (B, D) each, separate BN batches
     else:
         (q,), r_eff = online(x_q), r
