@@ -33,7 +33,8 @@ Glossary (the paper's names -> code):
 Interpretations (the paper is silent or ambiguous; each marked in the code):
     1. Eq. (5) writes f_theta for both interpolated features. Table VII's best row ("image q/k, feature q/k") and the
        authors' code mix the query image x_i with the partner's KEY view x^_j, and the online feature v_i with the
-       partner's key feature v^_j (both L2-normalised before mixing). We do that.
+       partner's key feature v^_j (both L2-normalised before mixing). We do that; `--feature-pair k/q | k/k | q/q`
+       gives Table VII's other feature rows (always with image q/k), and q/q is Eq. (5) read literally.
     2. Eq. (6) prints a denominator over the K bank entries only; we use the InfoNCE form of Eq. (1) (positive plus K
        negatives), as the authors' code does.
     3. One r, one partner permutation and one CutMix box per step for the whole GLOBAL batch ("for each mini-batch"),
@@ -129,6 +130,7 @@ class Config:
     global_bank: Literal["key", "weak"] = "key"  # bank of Eq. (3): MoCo queue, or a queue of weak keys (Interp. 4)
     mix: Literal["cutmix", "mixup"] = "cutmix"  # image interpolation of Eq. (4) (Sec. I names cutmix)
     mix_alpha: float = 1.0  # r ~ Beta(alpha, alpha) (Sec. III-C)
+    feature_pair: Literal["q/k", "k/q", "k/k", "q/q"] = "q/k"  # features mixed in Eq. (5): of x_i / of partner j (Table VII)
     bn_splits: int = 8  # shuffle-BN groups of the momentum encoder over the global batch (Deviation 1)
 
 
@@ -257,7 +259,8 @@ def global_relation_loss(v, v_weak, queue, tau_ot=0.1, tau_tt=0.04):
 def interpolated_target(v, v_partner, r):
     """Feature-level interpolation, Eq. (5): v~_ij = l2(r * v_i + (1 - r) * v^_j) (B, D), detached.
 
-    v (B, D) online features of x_i; v_partner (B, D) the partners' key features, row i holding partner j of i;
+    v (B, D) features of x_i; v_partner (B, D) features of the partners, row i holding partner j of i (q/k: online
+    and key features, Table VII's best row; `--feature-pair` picks the others);
     r a float or (B,) tensor: the ratio that relates the interpolated image to x_i (CutMix: its kept-area fraction).
     """
     # Interpretation 1: feature q/k (Table VII's best row); both features L2-normalised before mixing
@@ -436,7 +439,12 @@ def forward_loss(online, state, views, cfg, step, accelerator):
     bank = state.queue_weak if cfg.global_bank == "weak" else state.queue
     glob = global_relation_loss(q, k_weak_all[mine], bank, cfg.tau_ot, cfg.tau_tt) if cfg.lambda_global > 0 else zero
     if cfg.lambda_local > 0:
-        v_target = interpolated_target(q, k_all[j], r_eff)
+        # Table VII: which encoder's feature of x_i and of the partner j enter Eq. (5); q/k is its best row
+        first, second = cfg.feature_pair.split("/")
+        q_all = accelerator.gather(q.detach().float().contiguous()) if second == "q" else None  # partners' queries
+        v_i = q if first == "q" else k_all[mine]
+        v_j = k_all[j] if second == "k" else q_all[j]
+        v_target = interpolated_target(v_i, v_j, r_eff)
         local = local_interpolation_loss(v_mix, v_target, state.queue, cfg.tau)
     else:
         local = zero

@@ -415,6 +415,23 @@ def test_forward_loss_terms_match_the_pure_functions():
     assert torch.allclose(loss.detach(), csl + 1.0 * glob + 2.0 * local, atol=1e-5)
 
 
+@pytest.mark.parametrize("pair", ["k/q", "k/k", "q/q"])
+def test_forward_loss_feature_pairs_of_table_vii(pair):
+    """--feature-pair: the target of Eq. (5) mixes the named encoders' features of x_i and of partner j."""
+    cfg, online, state, views = _tiny_setup(feature_pair=pair)
+    online.eval(), state.eval()
+    _, _, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
+    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha)
+    x_q, x_k, _ = views
+    with torch.no_grad():
+        k = F.normalize(state.momentum_encoder(x_k), dim=1)
+        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, generator=g)
+        (q,), (v_mix,) = online(x_q), online(x_mix)
+    feats = {"q": q, "k": k}
+    target = reco.interpolated_target(feats[pair[0]], feats[pair[2]][partner], r_eff)
+    assert torch.allclose(logs["local"], reco.local_interpolation_loss(v_mix, target, state.queue, cfg.tau), atol=1e-5)
+
+
 def test_forward_loss_moco_baseline_has_no_relation_terms():
     cfg, online, state, views = _tiny_setup(lambda_global=0.0, lambda_local=0.0)
     loss, _, weak_keys, logs = reco.forward_loss(online, state, views, cfg, 0, OneProcess)
