@@ -395,7 +395,8 @@ def test_forward_loss_gradient_reaches_online_encoder_only():
 
 
 def test_forward_loss_terms_match_the_pure_functions():
-    """Rebuild the step by hand from the public functions: partner j, CutMix with r_eff, q/k target, Eq. (2)."""
+    """Rebuild the step by hand from the public functions: partner j, CutMix with r_eff, k/k target (the default,
+    Deviation 3), Eq. (2)."""
     cfg, online, state, views = _tiny_setup()
     online.eval(), state.eval()  # BN on running statistics: forward passes are batch-independent
     loss, keys, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
@@ -409,13 +410,13 @@ def test_forward_loss_terms_match_the_pure_functions():
     assert torch.allclose(keys, k, atol=1e-5) and logs["r"] == r_eff
     csl = reco.infonce_loss(q, k, state.queue, cfg.tau)
     glob = reco.global_relation_loss(q, k_w, state.queue, cfg.tau_ot, cfg.tau_tt)
-    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(q, k[partner], r_eff), state.queue, cfg.tau)
+    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(k, k[partner], r_eff), state.queue, cfg.tau)
     assert torch.allclose(logs["csl"], csl, atol=1e-5) and torch.allclose(logs["global"], glob, atol=1e-5)
     assert torch.allclose(logs["local"], local, atol=1e-5)
     assert torch.allclose(loss.detach(), csl + 1.0 * glob + 2.0 * local, atol=1e-5)
 
 
-@pytest.mark.parametrize("pair", ["k/q", "k/k", "q/q"])
+@pytest.mark.parametrize("pair", ["q/k", "k/q", "q/q"])
 def test_forward_loss_feature_pairs_of_table_vii(pair):
     """--feature-pair: the target of Eq. (5) mixes the named encoders' features of x_i and of partner j."""
     cfg, online, state, views = _tiny_setup(feature_pair=pair)
