@@ -45,7 +45,8 @@ Deviations:
        InfoNCE is active and only in the --no-predictor setting, where the paper uses shuffle BN; the relation loss
        itself has no positive to single out. Shuffle BN is not implemented.
 
-Results: none measured yet at full length (no GPU in the session that wrote this); see README "Results".
+Results: no full-length run (no GPU in the sessions so far). On a 2,000-image CIFAR-10 (JPEG copy) subset on CPU
+(README "Measured on CPU") kNN top-1 rose from 26.5 % (random init) to 31.7 % at epoch 15 and 33.8 % at epoch 100.
 """
 import copy
 import dataclasses

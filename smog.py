@@ -78,8 +78,9 @@ Deviations (each marked in the code):
        longer the average of its instances, so `--group-update average` uses m_k / n_k (sequential k-means, the
        exact running average); `--group-update average-paper` is the printed 1/n.
 
-Results: not yet measured at full length (no GPU in the session that wrote this); see README "Results". CPU sanity
-run only (docs: 30 steps on a 2,000-image CIFAR-10 subset): 83 of 128 groups used, no collapse, no kNN gain yet.
+Results: no full-length run (no GPU in the sessions so far). On a 2,000-image CIFAR-10 (JPEG copy) subset on CPU
+(README "Measured on CPU") kNN top-1 rose from 26.5 % (random init) to 32.5 % in 50 epochs; with --reset-every 300
+(20 epochs there) the groups in use fell to 18 of 256 before the first reset.
 """
 import copy
 import dataclasses
