@@ -352,8 +352,9 @@ def forward_loss(teacher, student, views, labels, cfg, accelerator):
         mask = parts["mask"]
         same = (mask & (labels[:, None] == labels[None, :])).sum()
         mined = torch.stack([same, mask.sum()])  # false-negative count, mined-pair count
+        u_erank = common.effective_rank(u_t)  # dimensional collapse monitor (the same on every process)
     return loss, {"l1": parts["l1"], "l2": parts["l2"], "hard_size": parts["hard_size"],
-                  "empty_frac": parts["empty_frac"], "mined": mined}
+                  "empty_frac": parts["empty_frac"], "mined": mined, "u_erank": u_erank}
 
 
 def train(cfg: Config):
@@ -428,21 +429,23 @@ def train(cfg: Config):
         # Interpretation 10: the teacher T is the network that is evaluated and saved
         knn = common.knn_accuracy(raw.backbone, memory_loader, query_loader, num_classes, accelerator,
                                   cfg.knn_k, cfg.knn_t)
-        # the epoch's mean hard-set size, empty fraction, and share of mined pairs with the anchor's label
+        # the epoch's mean hard-set size, empty fraction, share of mined pairs with the anchor's label, and the mean
+        # effective rank of the teacher representations U (dimensional collapse)
         mining = {} if steps == 0 else {"hard_size": (diag[0] / steps).item(), "empty_frac": (diag[1] / steps).item(),
-                                        "false_neg": (diag[2] / diag[3].clamp(min=1)).item()}
+                                        "false_neg": (diag[2] / diag[3].clamp(min=1)).item(),
+                                        "u_erank": (diag[4] / steps).item()}
         logger.log(epoch=epoch, step=step, knn_top1=knn, **mining)
         accelerator.print(f"epoch {epoch}: kNN top-1 {knn:.2f}%")
 
     last_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
     step = start_epoch * steps_per_epoch
     if start_epoch == 0 and cfg.eval_every:
-        monitor(0, 0, torch.zeros(4, device=accelerator.device, dtype=torch.float32), 0)  # the random-init baseline
+        monitor(0, 0, torch.zeros(5, device=accelerator.device, dtype=torch.float32), 0)  # the random-init baseline
     for epoch in range(start_epoch, last_epoch):
         teacher.train()
         loader.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        diag = torch.zeros(4, device=accelerator.device, dtype=torch.float32)  # hard size, empty, same, mined
+        diag = torch.zeros(5, device=accelerator.device, dtype=torch.float32)  # hard size, empty, same, mined, erank
         tic, seen, steps = time.time(), 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
         for (x_views, labels, _) in bar:
@@ -462,7 +465,7 @@ def train(cfg: Config):
             if accelerator.sync_gradients:
                 ema_update(student, raw, cfg.ema_tau)
             diag += torch.stack([logs["hard_size"].float(), logs["empty_frac"].float(),
-                                 *logs["mined"].float()])
+                                 *logs["mined"].float(), torch.tensor(logs["u_erank"], device=accelerator.device)])
             step += 1
             steps += 1
             seen += cfg.batch_size

@@ -337,7 +337,8 @@ def forward_loss(online, state, views, labels, cfg, accelerator):
         # counts: anchors whose rank-k negative shares their label, anchors, batches with Omega, with B, batches
         table5 = torch.stack([omega.sum(), torch.tensor(omega.numel(), device=omega.device),
                               omega.any().long(), event_b.long(), torch.ones((), dtype=torch.long, device=omega.device)])
-    return loss, {"loss_12": loss_12.detach(), "loss_21": loss_21.detach(), "table5": table5}
+        z_erank = common.effective_rank(z1_all)  # dimensional collapse monitor (the same on every process)
+    return loss, {"loss_12": loss_12.detach(), "loss_21": loss_21.detach(), "table5": table5, "z_erank": z_erank}
 
 
 def train(cfg: Config):
@@ -417,7 +418,7 @@ def train(cfg: Config):
         loader.set_epoch(epoch)
         train_set.set_epoch(epoch)
         table5 = torch.zeros(5, device=accelerator.device, dtype=torch.long)
-        tic, seen = time.time(), 0
+        erank_sum, tic, seen = 0.0, time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
         for (x_views, labels, _) in bar:
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
@@ -431,6 +432,7 @@ def train(cfg: Config):
             if accelerator.sync_gradients:
                 ema_update(state.target, online_ema_view, tau)
             table5 += logs["table5"]
+            erank_sum += logs["z_erank"]
             step += 1
             seen += cfg.batch_size
             if step % cfg.log_every == 0 or step == total_steps:
@@ -443,7 +445,8 @@ def train(cfg: Config):
         # Table 5 every epoch (same counts on every process): epoch 1 stands for the paper's "epoch 0" column
         hits, anchors, n_omega, n_b, n_batches = table5.tolist()
         diag = {"omega_given_a": n_omega / max(1, n_batches), "omega_given_b": n_omega / max(1, n_b),
-                "rank_k_same_label": hits / max(1, anchors)}
+                "rank_k_same_label": hits / max(1, anchors),
+                "z_erank": erank_sum / max(1, n_batches)}  # mean effective rank of the batch's target projections
         if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
             monitor(epoch_done, step, diag)
         else:

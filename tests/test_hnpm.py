@@ -243,7 +243,8 @@ def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     assert {"l1", "l2", "hard_size", "empty_frac", "false_neg", "lr", "ema_tau", "images_per_s"} <= set(steps[0])
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
-    assert {"hard_size", "empty_frac", "false_neg"} <= set(knn[-1])
+    assert {"hard_size", "empty_frac", "false_neg", "u_erank"} <= set(knn[-1])
+    assert 1 - 1e-4 <= knn[-1]["u_erank"] <= 7 + 1e-3  # 8 rows have at most 7 centred directions
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
     check_backbone(out, "hnpm")
 

@@ -286,6 +286,7 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_table5(tmp_path):
     for m in knn[1:]:  # Table 5 logged with kNN; fake labels are i % 10, so a batch of 8 may or may not hold B
         assert 0 <= m["omega_given_a"] <= 1 and 0 <= m["rank_k_same_label"] <= 1
         assert m["omega_given_a"] <= m["omega_given_b"] <= 1
+        assert 1 - 1e-4 <= m["z_erank"] <= 7 + 1e-3  # 8 rows have at most 7 centred directions
     assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
     check_backbone(out, "median_triplet")
 
