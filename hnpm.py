@@ -80,8 +80,11 @@ standard ResNet-18 stem on 32 px, batch 128, 8 epochs (120 steps), 2 shared CPU 
     default (SGD):   kNN top-1 26.5 % at init -> 24.6 %; hard set = all 127 other rows at every step.
     --paper-optim:   kNN top-1 26.5 % at init -> 17.7 %; hard set shrinks to about 86-90 of 127 rows.
     --lr 0.24, 6 epochs: 26.5 % -> 24.2 %;  --lr 0.24 --alpha2 0.8, 6 epochs: 26.5 % -> 20.7 %.
-    50-epoch schedule (README "Measured on CPU"): 26.5 % -> 25.8, 24.2, 24.5, 22.9 % at epochs 5-20, the
-    projections' effective rank 53 -> 2.3. None beats the random-init network at this scale.
+    50-epoch schedule (README "Measured on CPU"): 26.5 % -> 25.8, 24.2, 24.5, 22.9 % at epochs 5-20.
+    100-epoch schedule stopped at epoch 15 (`--epochs 100 --warmup-epochs 5 --stop-after-epochs 15`): 26.5 % ->
+    25.8, 24.2, 23.8 %, the logged effective rank of U (`u_erank`) 89 -> 39 -> 26; with `--no-projector` 26.5 % ->
+    26.2, 24.8, 24.4 % (u_erank 103 -> 84 -> 65; every pair mined). None beats the random-init network at this
+    scale.
 """
 import copy
 import dataclasses
