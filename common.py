@@ -284,13 +284,14 @@ def knn_accuracy(backbone, memory_loader, query_loader, num_classes, accelerator
 def effective_rank(x, eps=1e-12):
     """Diagnostic of dimensional collapse: exp(entropy of the normalised singular values) of the centred rows of x.
 
-    x: (N, D). Roy & Vetterli (2007)'s effective rank, a float: near min(N - 1, D) for isotropic rows, 1 when every
-    row lies on one line (two opposite clusters included), c - 1 for c equal clusters at orthogonal points.
+    x: (N, D). Roy & Vetterli (2007)'s effective rank, a 0-dim float32 tensor on x's device (no host sync, so the
+    scripts can accumulate it every step): near min(N - 1, D) for isotropic rows, 1 when every row lies on one line
+    (two opposite clusters included), c - 1 for c equal clusters at orthogonal points.
     """
     x = x.detach().float()
     s = torch.linalg.svdvals(x - x.mean(0, keepdim=True))  # (min(N, D),)
     p = s / s.sum().clamp_min(eps)
-    return torch.exp(-(p * p.clamp_min(eps).log()).sum()).item()
+    return torch.exp(-(p * p.clamp_min(eps).log()).sum())
 
 
 # ----------------------------------------------------------------------------- runs

@@ -469,7 +469,7 @@ def train(cfg: Config):
             if accelerator.sync_gradients:
                 ema_update(student, raw, cfg.ema_tau)
             diag += torch.stack([logs["hard_size"].float(), logs["empty_frac"].float(),
-                                 *logs["mined"].float(), torch.tensor(logs["u_erank"], device=accelerator.device)])
+                                 *logs["mined"].float(), logs["u_erank"]])
             step += 1
             steps += 1
             seen += cfg.batch_size

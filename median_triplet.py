@@ -430,7 +430,7 @@ def train(cfg: Config):
         loader.set_epoch(epoch)
         train_set.set_epoch(epoch)
         table5 = torch.zeros(5, device=accelerator.device, dtype=torch.long)
-        erank_sum, tic, seen = 0.0, time.time(), 0
+        erank_sum, tic, seen = torch.zeros((), device=accelerator.device), time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
         for (x_views, labels, _) in bar:
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
@@ -458,7 +458,7 @@ def train(cfg: Config):
         hits, anchors, n_omega, n_b, n_batches = table5.tolist()
         diag = {"omega_given_a": n_omega / max(1, n_batches), "omega_given_b": n_omega / max(1, n_b),
                 "rank_k_same_label": hits / max(1, anchors),
-                "z_erank": erank_sum / max(1, n_batches)}  # mean effective rank of the batch's target projections
+                "z_erank": erank_sum.item() / max(1, n_batches)}  # mean effective rank of the batch's target projections
         if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
             monitor(epoch_done, step, diag)
         else:

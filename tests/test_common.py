@@ -101,12 +101,12 @@ def _image_folder(root, n=2, corrupt=False):
 def test_effective_rank_hand_computed():
     # singular values (2, 1) after centring: p = (2/3, 1/3), exp(entropy) = exp(-(2/3 ln 2/3 + 1/3 ln 1/3)) = 1.8899
     x = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) / math.sqrt(2)
-    assert common.effective_rank(x) == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))),
+    assert common.effective_rank(x).item() == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))),
                                                      rel=1e-5)
     two_clusters = torch.tensor([[1.0, 2.0, 3.0]] * 5 + [[-1.0, 0.0, 1.0]] * 5)
-    assert common.effective_rank(two_clusters) == pytest.approx(1.0, abs=1e-4)  # all on one line after centring
-    assert common.effective_rank(torch.eye(4).repeat(3, 1)) == pytest.approx(3.0, rel=1e-4)  # 4 clusters -> 3
-    assert common.effective_rank(torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))) > 7.9
+    assert common.effective_rank(two_clusters).item() == pytest.approx(1.0, abs=1e-4)  # all on one line after centring
+    assert common.effective_rank(torch.eye(4).repeat(3, 1)).item() == pytest.approx(3.0, rel=1e-4)  # 4 clusters -> 3
+    assert common.effective_rank(torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))).item() > 7.9
 
 
 def test_imagefolder_reads_layout(tmp_path):
