@@ -241,6 +241,7 @@ def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == 4 and all(math.isfinite(m["loss"]) for m in steps)
     assert {"l1", "l2", "hard_size", "empty_frac", "false_neg", "lr", "ema_tau", "images_per_s"} <= set(steps[0])
+    assert steps[0]["ema_tau"] == 0.999  # Deviation 3; the paper's 0.5 is --ema-tau 0.5
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
     assert {"hard_size", "empty_frac", "false_neg", "u_erank"} <= set(knn[-1])
