@@ -37,13 +37,14 @@ Interpretations (the paper is silent; each marked in the code):
        says for medium data sets, get it too; `--stem imagenet` gives them the standard stem.
 
 Deviations:
-    1. BatchNorm. The paper uses global (synchronised) BN with the predictor and shuffle BN without it. This script
-       uses global BN in both cases: plain BN on one GPU (the batch is the global batch), SyncBatchNorm on several
-       GPUs, so a result does not depend on the number of GPUs. With global BN the query and its in-batch positive
-       key are both normalised with statistics of the same images while the queue's negatives were not, which an
-       InfoNCE objective can exploit (the reason for MoCo's shuffle BN). That matters here only while the warm-up
-       InfoNCE is active and only in the --no-predictor setting, where the paper uses shuffle BN; the relation loss
-       itself has no positive to single out. Shuffle BN is not implemented.
+    1. BatchNorm (Sec. 4: "global BN and shuffle BN for with and without predictor setting"). With the predictor the
+       teacher and student use global BN: plain BN on one GPU (the batch is the global batch), SyncBatchNorm on
+       several. Without it the teacher uses shuffle BN: its BN statistics come from `--bn-splits` groups (default 8,
+       MoCo's 8 GPUs; the paper gives no count) of a random shuffle of the GLOBAL batch drawn from (seed, step);
+       every process encodes its groups, outputs are gathered and put back in order. On N GPUs with --bn-splits N
+       this is MoCo's shuffle BN, on one GPU its split-BN equivalent, and the result does not depend on the number
+       of processes (tested). The deviation: the student keeps global BN in the no-predictor setting too (MoCo's
+       query encoder uses per-GPU BN), so that a result does not depend on the number of GPUs.
 
 Results: no full-length run (no GPU in the sessions so far). On a 2,000-image CIFAR-10 (JPEG copy) subset on CPU
 (README "Measured on CPU") kNN top-1 rose from 26.5 % (random init) to 31.7 % at epoch 15 and 33.8 % at epoch 100.
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, set_seed
+from einops import rearrange
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
@@ -104,6 +106,8 @@ class Config:
     proj_hidden: int = 4096  # projector hidden width (Interpretation 3)
     proj_dim: int = 256  # embedding width (Interpretation 3)
     predictor: bool = True  # asymmetric predictor head on the student (Sec. 3.3; --no-predictor: Table 2)
+    # Sec. 4: global BN with the predictor, shuffle BN without it
+    bn_splits: int = 0  # teacher BN groups over a shuffle of the global batch; 0: 1 with the predictor, 8 without
     ema_momentum: float = 0.99  # teacher momentum m of Eq. (6) for small datasets (Sec. 4)
     queue_size: int = 0  # K; 0: 4096 for 32-px data, 16384 otherwise (Sec. 4, Table 6)
     tau_s: float = 0.1  # student temperature of Eq. (3) (Table 1)
@@ -174,6 +178,37 @@ class Student(nn.Module):
         return self.predictor(self.projector(self.backbone(x)))
 
 
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) whose train-mode statistics come from `num_splits` contiguous chunks of the batch: the
+    teacher's shuffle BN (Sec. 4, without the predictor). Eval mode uses the running statistics, which the EMA update
+    copies from the student."""
+
+    num_splits = 1
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        g = self.num_splits
+        # the chunks side by side as channels: one batch_norm call normalises each chunk with its own statistics
+        y = F.batch_norm(rearrange(x, "(g n) c ... -> n (g c) ...", g=g), None, None,
+                         self.weight.repeat(g), self.bias.repeat(g), True, 0.0, self.eps)
+        return rearrange(y, "n (g c) ... -> (g n) c ...", g=g)
+
+
+def to_split_bn(module, num_splits):
+    """Replace every BatchNorm (plain or Sync) of `module` in place by a SplitBatchNorm with the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = SplitBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                child.track_running_stats).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            bn.num_splits = num_splits
+            setattr(module, name, bn)  # same position in _modules: parameter order unchanged for the EMA
+        else:
+            to_split_bn(child, num_splits)
+    return module
+
+
 # ----------------------------------------------------------------------------- Loss
 
 def relation_loss(z_s, z_t, queue, tau_s=0.1, tau_t=0.04):
@@ -219,10 +254,12 @@ class MomentumState(nn.Module):
     from all processes. Registered with Accelerate so that checkpoints hold it.
     """
 
-    def __init__(self, student, queue_size, dim):
+    def __init__(self, student, queue_size, dim, bn_groups=None):
         super().__init__()
         self.teacher = copy.deepcopy(nn.Sequential(student.backbone, student.projector))
         self.teacher.requires_grad_(False)
+        if bn_groups:  # shuffle BN: BN groups per process of the shuffled global batch (Sec. 4, no predictor)
+            to_split_bn(self.teacher, bn_groups)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # Interpretation 4
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -261,14 +298,38 @@ def warmup_alpha(step, warmup_steps, enabled):
     return min(1.0, step / warmup_steps) if enabled and warmup_steps > 0 else 1.0
 
 
+def teacher_bn_splits(cfg):
+    """Teacher BN groups over the global batch: --bn-splits, or by default 1 (global BN) with the predictor and 8
+    (shuffle BN, as MoCo's 8 GPUs) without it (Sec. 4)."""
+    return cfg.bn_splits or (1 if cfg.predictor else 8)
+
+
+@torch.no_grad()
+def shuffled_teacher(teacher, x_t, seed, step, accelerator):
+    """Shuffle BN (Sec. 4, no predictor): the global batch in a random order drawn from (seed, step), the same on
+    every process; this process encodes its 1/world share in its BN groups; outputs are gathered, put back in order,
+    and this process's rows returned (B, D). The result does not depend on the number of processes."""
+    x_all = accelerator.gather(x_t.contiguous())  # (N, C, H, W)
+    shuffle = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    share = rearrange(shuffle, "(w n) -> w n", w=accelerator.num_processes)[accelerator.process_index]
+    z_all = accelerator.gather(teacher(x_all[share.to(x_all.device)]).contiguous())
+    z_all = z_all[torch.argsort(shuffle).to(z_all.device)]  # original order
+    rank, b = accelerator.process_index, len(x_t)
+    return z_all[rank * b:(rank + 1) * b]
+
+
 # ----------------------------------------------------------------------------- Training
 
-def forward_loss(student, state, views, labels, cfg, alpha, accelerator):
-    """One step's loss on this process's share of the batch -> (loss, teacher keys (B, D), logs)."""
+def forward_loss(student, state, views, labels, cfg, alpha, accelerator, step=0):
+    """One step's loss on this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` seeds the
+    shuffle of shuffle BN (only used when teacher_bn_splits(cfg) > 1)."""
     x_s, x_t = views  # strong view for the student, weak (or strong) for the teacher
     p = student(x_s)  # (B, D)
     with torch.no_grad(), accelerator.autocast():
-        z_t = state.teacher(x_t)  # (B, D)
+        if teacher_bn_splits(cfg) > 1:
+            z_t = shuffled_teacher(state.teacher, x_t, cfg.seed, step, accelerator)  # (B, D)
+        else:
+            z_t = state.teacher(x_t)  # (B, D), global BN
     rel = relation_loss(p, z_t, state.queue, cfg.tau_s, cfg.tau_t)
     nce = infonce_loss(p, z_t, state.queue, cfg.tau_nce) if alpha < 1 else torch.zeros((), device=p.device)
     loss = total_loss(rel, nce, alpha)
@@ -293,6 +354,11 @@ def train(cfg: Config):
     queue_size = cfg.queue_size or (4096 if size <= 32 else 16384)
     if queue_size < cfg.batch_size:
         raise common.UserError(f"--queue-size {queue_size} must be at least --batch-size {cfg.batch_size}.")
+    splits = teacher_bn_splits(cfg)
+    if splits > 1 and (cfg.batch_size % splits or cfg.batch_size // splits < 2 or splits % accelerator.num_processes):
+        raise common.UserError(
+            f"--bn-splits {splits} (shuffle BN) must divide --batch-size {cfg.batch_size} into groups of at least 2 "
+            f"images and be a multiple of the number of processes ({accelerator.num_processes}).")
 
     run = [cfg.output_dir or os.path.join("runs", f"ressl-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
     broadcast_object_list(run)  # one name on every process
@@ -322,7 +388,8 @@ def train(cfg: Config):
     student, optimizer, loader, memory_loader, query_loader = accelerator.prepare(
         student, optimizer, loader, memory_loader, query_loader)
     raw = accelerator.unwrap_model(student)
-    state = MomentumState(raw, queue_size, cfg.proj_dim).to(accelerator.device)
+    state = MomentumState(raw, queue_size, cfg.proj_dim,
+                          splits // accelerator.num_processes if splits > 1 else None).to(accelerator.device)
     accelerator.register_for_checkpointing(state)
     student_ema_view = nn.Sequential(raw.backbone, raw.projector)  # the modules the teacher averages
 
@@ -362,7 +429,7 @@ def train(cfg: Config):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             alpha = warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup)
-            loss, keys, logs = forward_loss(student, state, x_views, labels, cfg, alpha, accelerator)
+            loss, keys, logs = forward_loss(student, state, x_views, labels, cfg, alpha, accelerator, step)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()

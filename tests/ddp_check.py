@@ -1,8 +1,10 @@
 """One ReSSL training step on a fixed global batch, run under torchrun with 1 or 2 CPU processes (gloo).
 
-Writes rank<r>.pt with the global loss, the gradients after backward, and the queue / teacher after the update, so
-tests/test_ressl.py can check that 2 processes equal 1 process. BatchNorm is held in eval mode (running statistics)
-because per-process batch statistics differ by design on CPU, where SyncBatchNorm is not used.
+Writes rank<r>.pt with, for each case, the global loss, the gradients after backward, and the queue / teacher after
+the update, so tests/test_ressl.py can check that 2 processes equal 1 process. Cases: the default (predictor, global
+BN) and --no-predictor with shuffle BN over 2 groups. The student's BatchNorm is held in eval mode (running
+statistics) because per-process batch statistics differ by design on CPU, where SyncBatchNorm is not used; the
+shuffle-BN teacher runs in train mode, since its groups do not depend on the number of processes.
 """
 import sys
 
@@ -15,31 +17,36 @@ import ressl
 out_dir = sys.argv[1]
 accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
-cfg = ressl.Config(proj_hidden=32, proj_dim=16, tau_s=0.1, tau_t=0.04, tau_nce=0.1)
-set_seed(0)
-student = ressl.Student(cfg, cifar_stem=False)
-g = torch.Generator().manual_seed(1)
-B, K = 8, 16
-x_s, x_t = torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)
-labels = torch.randint(0, 10, (B,), generator=g)
-optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
-student, optimizer = accelerator.prepare(student, optimizer)
-raw = accelerator.unwrap_model(student)
-state = ressl.MomentumState(raw, K, cfg.proj_dim)
-state.queue.copy_(torch.nn.functional.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
-state.queue_labels.copy_(torch.randint(0, 10, (K,), generator=g))
-state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
-student.eval()
-state.teacher.eval()
+result = {}
+for case, kw in {"global_bn": {}, "shuffle_bn": {"predictor": False, "bn_splits": 2}}.items():
+    cfg = ressl.Config(proj_hidden=32, proj_dim=16, tau_s=0.1, tau_t=0.04, tau_nce=0.1, **kw)
+    set_seed(0)
+    student = ressl.Student(cfg, cifar_stem=False)
+    g = torch.Generator().manual_seed(1)
+    B, K = 8, 16
+    x_s, x_t = torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 10, (B,), generator=g)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    raw = accelerator.unwrap_model(student)
+    splits = ressl.teacher_bn_splits(cfg)
+    state = ressl.MomentumState(raw, K, cfg.proj_dim, splits // world if splits > 1 else None)
+    state.queue.copy_(torch.nn.functional.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+    state.queue_labels.copy_(torch.randint(0, 10, (K,), generator=g))
+    state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
+    student.eval()
+    state.teacher.train(splits > 1)
 
-local = slice(rank * B // world, (rank + 1) * B // world)
-loss, keys, logs = ressl.forward_loss(student, state, [x_s[local], x_t[local]], labels[local], cfg, 0.5, accelerator)
-accelerator.backward(loss)
-grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
-optimizer.step()
-ressl.ema_update(state.teacher, torch.nn.Sequential(raw.backbone, raw.projector), 0.9)
-state.ptr.copy_(ressl.enqueue(state.queue, state.queue_labels, state.ptr, accelerator.gather(keys),
-                              accelerator.gather(labels[local])))
-torch.save({"loss": accelerator.reduce(loss.detach(), "mean"), "grads": grads, "queue": state.queue,
-            "queue_labels": state.queue_labels, "ptr": state.ptr, "teacher": state.teacher.state_dict(),
-            "relation": accelerator.reduce(logs["relation"], "mean")}, f"{out_dir}/rank{rank}.pt")
+    local = slice(rank * B // world, (rank + 1) * B // world)
+    loss, keys, logs = ressl.forward_loss(student, state, [x_s[local], x_t[local]], labels[local], cfg, 0.5,
+                                          accelerator, step=3)
+    accelerator.backward(loss)
+    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
+    optimizer.step()
+    ressl.ema_update(state.teacher, torch.nn.Sequential(raw.backbone, raw.projector), 0.9)
+    state.ptr.copy_(ressl.enqueue(state.queue, state.queue_labels, state.ptr, accelerator.gather(keys),
+                                  accelerator.gather(labels[local])))
+    result[case] = {"loss": accelerator.reduce(loss.detach(), "mean"), "grads": grads, "queue": state.queue.clone(),
+                    "queue_labels": state.queue_labels.clone(), "ptr": state.ptr.clone(),
+                    "teacher": state.teacher.state_dict(), "relation": accelerator.reduce(logs["relation"], "mean")}
+torch.save(result, f"{out_dir}/rank{rank}.pt")

@@ -1,5 +1,6 @@
 """ReSSL: losses against hand-computed values and loop transcriptions, momentum/queue updates, and the script
 end to end (smoke, resume, two processes, bad input, learning on real images)."""
+import copy
 import json
 import math
 import os
@@ -136,6 +137,50 @@ def test_cifar_stem_and_no_predictor():
     assert student(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
+# ----------------------------------------------------------------------------- shuffle BN (Sec. 4, no predictor)
+
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 2, 2)])
+def test_split_batchnorm_normalises_each_chunk_alone(shape):
+    x = torch.randn(*shape) * 3 + 1
+    bn = nn.BatchNorm2d(3) if len(shape) == 4 else nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    split = ressl.to_split_bn(nn.Sequential(copy.deepcopy(bn)), 2)[0]
+    assert isinstance(split, ressl.SplitBatchNorm) and split.num_splits == 2
+    # by hand: each half with its own mean and biased variance over the batch and spatial dims
+    dims = [0] + list(range(2, len(shape)))
+    expect = []
+    for h in x.chunk(2):
+        mu, var = h.mean(dims, keepdim=True), h.var(dims, unbiased=False, keepdim=True)
+        w, b = (t.view(1, 3, *[1] * (len(shape) - 2)) for t in (bn.weight, bn.bias))
+        expect.append((h - mu) / torch.sqrt(var + bn.eps) * w + b)
+    assert torch.allclose(split(x), torch.cat(expect), atol=1e-5)
+    split.num_splits = 1
+    assert torch.allclose(split(x), bn(x), atol=1e-5)  # one group = plain BN
+    assert torch.equal(split.running_mean, torch.zeros(3))  # not moved: the EMA update copies the student's
+    split.load_state_dict(bn.state_dict())
+    split.eval(), bn.eval()
+    assert torch.allclose(split(x), bn(x), atol=1e-6)  # eval: running statistics
+
+
+def test_shuffled_teacher_encodes_groups_of_the_shuffled_batch():
+    """One process, 2 BN groups: the output equals encoding each half of the (seed, step) permutation on its own."""
+    from accelerate import Accelerator
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    split = ressl.to_split_bn(copy.deepcopy(teacher), 2)
+    x = torch.randn(8, 3)
+    z = ressl.shuffled_teacher(split, x, 0, 5, Accelerator(cpu=True))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    expect = torch.empty(8, 2)
+    with torch.no_grad():
+        for idx in perm.chunk(2):
+            expect[idx] = teacher(x[idx])
+    assert torch.allclose(z, expect, atol=1e-5)
+    assert not torch.allclose(z, teacher(x).detach(), atol=1e-3)  # differs from global BN
+    assert ressl.teacher_bn_splits(ressl.Config()) == 1 and ressl.teacher_bn_splits(ressl.Config(predictor=False)) == 8
+
+
 # ----------------------------------------------------------------------------- the script end to end
 
 def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
@@ -152,8 +197,9 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     check_backbone(out, "ressl", eval_linear=True)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    args = ["ressl.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0"]
+@pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"]], ids=["default", "shuffle_bn"])
+def test_resume_equals_uninterrupted(flags, tmp_path):
+    args = ["ressl.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0", *flags]
     qa, qb = run_resumed(args, tmp_path)
     assert torch.equal(qa["queue"], qb["queue"]) and torch.equal(qa["ptr"], qb["ptr"])
 
@@ -163,22 +209,27 @@ def test_two_processes_equal_one(tmp_path):
     one.mkdir(), two.mkdir()
     run(["tests/ddp_check.py", str(one)])
     run(["tests/ddp_check.py", str(two)], nproc=2)
-    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
-    assert torch.allclose(a["loss"], r0["loss"], atol=1e-6) and torch.allclose(a["relation"], r0["relation"], atol=1e-6)
-    for k in a["grads"]:
-        assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-6), k
-        assert torch.allclose(r0["grads"][k], r1["grads"][k], atol=0), k
-    for r in (r0, r1):  # queues and teacher identical on every rank, and equal to the 1-process run
-        assert torch.allclose(a["queue"], r["queue"], atol=1e-6) and torch.equal(a["queue_labels"], r["queue_labels"])
-        assert a["ptr"].item() == r["ptr"].item() == 4
-        assert all(torch.allclose(a["teacher"][k], r["teacher"][k], atol=1e-6) for k in a["teacher"])
-    assert torch.equal(r0["queue"], r1["queue"])
+    runs = [torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt")]
+    assert set(runs[0]) == {"global_bn", "shuffle_bn"}  # the default, and --no-predictor with shuffle BN
+    for case in runs[0]:
+        a, r0, r1 = (r[case] for r in runs)
+        assert torch.allclose(a["loss"], r0["loss"], atol=1e-6), case
+        assert torch.allclose(a["relation"], r0["relation"], atol=1e-6), case
+        for k in a["grads"]:
+            assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-6), (case, k)
+            assert torch.allclose(r0["grads"][k], r1["grads"][k], atol=0), (case, k)
+        for r in (r0, r1):  # queues and teacher identical on every rank, and equal to the 1-process run
+            assert torch.allclose(a["queue"], r["queue"], atol=1e-6), case
+            assert torch.equal(a["queue_labels"], r["queue_labels"]) and a["ptr"].item() == r["ptr"].item() == 4
+            assert all(torch.allclose(a["teacher"][k], r["teacher"][k], atol=1e-6) for k in a["teacher"]), case
+        assert torch.equal(r0["queue"], r1["queue"])
 
 
-def test_two_process_training_run(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"]], ids=["default", "shuffle_bn"])
+def test_two_process_training_run(flags, tmp_path):
     """The real loop under torchrun: runs, logs, checkpoints, and both ranks agree on the queue it saves."""
     out = str(tmp_path / "ddp")
-    run(["ressl.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+    run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *flags, "--output-dir", out], nproc=2)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
@@ -191,6 +242,8 @@ def test_two_process_training_run(tmp_path):
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent/place"], "does not exist"),
     (["--queue-size", "4"], "--queue-size 4 must be at least --batch-size 8"),
     (["--fake-size", "4"], "fewer than one global batch"),
+    (["--no-predictor"], "--bn-splits 8 (shuffle BN) must divide --batch-size 8 into groups of at least 2"),
+    (["--bn-splits", "3"], "--bn-splits 3 (shuffle BN) must divide --batch-size 8"),
 ])
 def test_bad_input_gives_one_clear_message(args, message):
     p = run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
