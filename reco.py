@@ -35,7 +35,8 @@ Interpretations (the paper is silent or ambiguous; each marked in the code):
        authors' code mix the query image x_i with the partner's KEY view x^_j, and the online feature v_i with the
        partner's key feature v^_j (both L2-normalised before mixing). We mix images q/k; the features mixed are
        k/k by default (Deviation 3), `--feature-pair q/k` is the paper's best row, `k/q` and `q/q` (Eq. (5) read
-       literally) Table VII's other feature rows.
+       literally) Table VII's other feature rows. `--image-pair q/q` mixes x_i with the partner's QUERY view instead
+       (Table VII's first ReCo-Local row is `--image-pair q/q --feature-pair q/q`).
     2. Eq. (6) prints a denominator over the K bank entries only; we use the InfoNCE form of Eq. (1) (positive plus K
        negatives), as the authors' code does.
     3. One r, one partner permutation and one CutMix box per step for the whole GLOBAL batch ("for each mini-batch"),
@@ -139,6 +140,7 @@ class Config:
     mix: Literal["cutmix", "mixup"] = "cutmix"  # image interpolation of Eq. (4) (Sec. I names cutmix)
     mix_alpha: float = 1.0  # r ~ Beta(alpha, alpha) (Sec. III-C)
     feature_pair: Literal["q/k", "k/q", "k/k", "q/q"] = "k/k"  # Eq. (5) features of x_i / of j (paper q/k; Deviation 3)
+    image_pair: Literal["q/k", "q/q"] = "q/k"  # Eq. (4) views of x_i / of j (Table VII; Interpretation 1)
     bn_splits: int = 8  # shuffle-BN groups of the momentum encoder over the global batch (Deviation 1)
 
 
@@ -434,11 +436,12 @@ def forward_loss(online, state, views, cfg, step, accelerator):
     zero = torch.zeros((), device=dev)
     if cfg.lambda_local > 0:
         j = partner.to(dev)[mine]  # partner of each of my samples, an index into the global batch
-        # Eq. (4): x_ij = r * x_i (+) (1 - r) * x^_j (Interpretation 1: image q/k)
+        # Eq. (4): x_ij = r * x_i (+) (1 - r) * x^_j (Interpretation 1: image q/k; q/q mixes the partner's query view)
+        x_j = x_k_all[j] if cfg.image_pair == "q/k" else accelerator.gather(x_q.contiguous())[j]
         if cfg.mix == "cutmix":
-            x_mix, r_eff = cutmix(x_q, x_k_all[j], r, generator=g)
+            x_mix, r_eff = cutmix(x_q, x_j, r, generator=g)
         else:
-            x_mix, r_eff = mixup(x_q, x_k_all[j], r)
+            x_mix, r_eff = mixup(x_q, x_j, r)
         # Eq. (4): v_ij = f_theta(x_ij), beside v_i = f_theta(x_i)
         q, v_mix = online(x_q, x_mix)  # (B, D) each, separate BN batches
     else:

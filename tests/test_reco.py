@@ -416,17 +416,18 @@ def test_forward_loss_terms_match_the_pure_functions():
     assert torch.allclose(loss.detach(), csl + 1.0 * glob + 2.0 * local, atol=1e-5)
 
 
-@pytest.mark.parametrize("pair", ["q/k", "k/q", "q/q"])
-def test_forward_loss_feature_pairs_of_table_vii(pair):
-    """--feature-pair: the target of Eq. (5) mixes the named encoders' features of x_i and of partner j."""
-    cfg, online, state, views = _tiny_setup(feature_pair=pair)
+@pytest.mark.parametrize("image, pair", [("q/k", "q/k"), ("q/k", "k/q"), ("q/k", "q/q"), ("q/q", "q/q")])
+def test_forward_loss_feature_pairs_of_table_vii(image, pair):
+    """--image-pair / --feature-pair: Eq. (4) mixes x_i with the named view of partner j, and the target of Eq. (5)
+    mixes the named encoders' features of x_i and of j."""
+    cfg, online, state, views = _tiny_setup(feature_pair=pair, image_pair=image)
     online.eval(), state.eval()
     _, _, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
     g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha)
     x_q, x_k, _ = views
     with torch.no_grad():
         k = F.normalize(state.momentum_encoder(x_k), dim=1)
-        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, generator=g)
+        x_mix, r_eff = reco.cutmix(x_q, {"q": x_q, "k": x_k}[image[2]][partner], r, generator=g)
         (q,), (v_mix,) = online(x_q), online(x_mix)
     feats = {"q": q, "k": k}
     target = reco.interpolated_target(feats[pair[0]], feats[pair[2]][partner], r_eff)
@@ -469,42 +470,46 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def _ddp_step(out_dir):
     """One ReCo step on a fixed global batch under torchrun (1 or 2 CPU processes): writes rank<r>.pt with the loss
-    terms, gradients, queues and momentum encoder. The online encoder's BN is held in eval mode (per-process
-    statistics differ by design on CPU, where SyncBatchNorm is not used); the momentum encoder stays in TRAIN mode,
-    because its shuffle BN over the global batch must not depend on the number of processes."""
+    terms, gradients, queues and momentum encoder, for the defaults and for Table VII's image and feature q/q. The
+    online encoder's BN is held in eval mode (per-process statistics differ by design on CPU, where SyncBatchNorm is
+    not used); the momentum encoder stays in TRAIN mode, because its shuffle BN over the global batch must not depend
+    on the number of processes."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
-    cfg = reco.Config(proj_dim=16, bn_splits=2, global_bank="weak")
-    set_seed(0)
-    online = reco.OnlineEncoder(cfg, cifar_stem=False)
-    g = torch.Generator().manual_seed(1)
-    B, K = 8, 16
-    views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(3)]
-    optimizer = torch.optim.SGD(online.parameters(), lr=0.1, momentum=0.9)
-    online, optimizer = accelerator.prepare(online, optimizer)
-    raw = accelerator.unwrap_model(online)
-    state = reco.MomentumState(raw, K, cfg.proj_dim, cfg.bn_splits // world, weak_bank=True)
-    state.queue.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
-    state.queue_weak.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
-    state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
-    online.eval()
-    state.train()
-    local = slice(rank * B // world, (rank + 1) * B // world)
-    loss, keys, weak_keys, logs = reco.forward_loss(online, state, [v[local] for v in views], cfg, 3, accelerator)
-    accelerator.backward(loss)
-    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
-    optimizer.step()
-    reco.ema_update(state.momentum_encoder, torch.nn.Sequential(raw.backbone, raw.head), 0.9)
-    reco.enqueue(state.queue_weak, state.ptr, weak_keys)
-    state.ptr.copy_(reco.enqueue(state.queue, state.ptr, keys))
     mean = lambda t: accelerator.reduce(t.detach(), "mean")
-    torch.save({"loss": mean(loss), "csl": mean(logs["csl"]), "global": mean(logs["global"]),
-                "local": mean(logs["local"]), "grads": grads, "keys": keys, "queue": state.queue,
-                "queue_weak": state.queue_weak, "ptr": state.ptr,
-                "momentum_encoder": state.momentum_encoder.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    result = {}
+    for case, kw in {"default": {}, "q/q": {"image_pair": "q/q", "feature_pair": "q/q"}}.items():
+        cfg = reco.Config(proj_dim=16, bn_splits=2, global_bank="weak", **kw)
+        set_seed(0)
+        online = reco.OnlineEncoder(cfg, cifar_stem=False)
+        g = torch.Generator().manual_seed(1)
+        B, K = 8, 16
+        views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(3)]
+        optimizer = torch.optim.SGD(online.parameters(), lr=0.1, momentum=0.9)
+        online, optimizer = accelerator.prepare(online, optimizer)
+        raw = accelerator.unwrap_model(online)
+        state = reco.MomentumState(raw, K, cfg.proj_dim, cfg.bn_splits // world, weak_bank=True)
+        state.queue.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+        state.queue_weak.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+        state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
+        online.eval()
+        state.train()
+        local = slice(rank * B // world, (rank + 1) * B // world)
+        loss, keys, weak_keys, logs = reco.forward_loss(online, state, [v[local] for v in views], cfg, 3, accelerator)
+        accelerator.backward(loss)
+        grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
+        optimizer.step()
+        reco.ema_update(state.momentum_encoder, torch.nn.Sequential(raw.backbone, raw.head), 0.9)
+        reco.enqueue(state.queue_weak, state.ptr, weak_keys)
+        state.ptr.copy_(reco.enqueue(state.queue, state.ptr, keys))
+        result[case] = {"loss": mean(loss), "csl": mean(logs["csl"]), "global": mean(logs["global"]),
+                        "local": mean(logs["local"]), "grads": grads, "keys": keys, "queue": state.queue,
+                        "queue_weak": state.queue_weak, "ptr": state.ptr,
+                        "momentum_encoder": state.momentum_encoder.state_dict()}
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -512,20 +517,24 @@ def test_two_processes_equal_one(tmp_path):
     one.mkdir(), two.mkdir()
     run(["tests/test_reco.py", str(one)])
     run(["tests/test_reco.py", str(two)], nproc=2)
-    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
-    for k in ("loss", "csl", "global", "local"):
-        assert torch.allclose(a[k], r0[k], atol=1e-5), k
-    assert a["local"] > 0 and a["global"] > 0
-    for k in a["grads"]:
-        assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-5), k
-        assert torch.equal(r0["grads"][k], r1["grads"][k]), k
-    for r in (r0, r1):  # shuffle-BN keys, queues and momentum encoder: identical on every rank and to 1 process
-        for k in ("keys", "queue", "queue_weak"):
-            assert torch.allclose(a[k], r[k], atol=1e-5), k
-        assert a["ptr"].item() == r["ptr"].item() == 4
-        assert all(torch.allclose(a["momentum_encoder"][k].float(), r["momentum_encoder"][k].float(), atol=1e-6)
-                   for k in a["momentum_encoder"])
-    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["queue_weak"], r1["queue_weak"])
+    runs = [torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt")]
+    assert set(runs[0]) == {"default", "q/q"}
+    for case in runs[0]:
+        a, r0, r1 = (r[case] for r in runs)
+        for k in ("loss", "csl", "global", "local"):
+            assert torch.allclose(a[k], r0[k], atol=1e-5), (case, k)
+        assert a["local"] > 0 and a["global"] > 0
+        for k in a["grads"]:
+            assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-5), (case, k)
+            assert torch.equal(r0["grads"][k], r1["grads"][k]), (case, k)
+        for r in (r0, r1):  # shuffle-BN keys, queues and momentum encoder: identical on every rank and to 1 process
+            for k in ("keys", "queue", "queue_weak"):
+                assert torch.allclose(a[k], r[k], atol=1e-5), (case, k)
+            assert a["ptr"].item() == r["ptr"].item() == 4
+            assert all(torch.allclose(a["momentum_encoder"][k].float(), r["momentum_encoder"][k].float(), atol=1e-6)
+                       for k in a["momentum_encoder"]), case
+        assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["queue_weak"], r1["queue_weak"])
+    assert not torch.allclose(runs[0]["default"]["local"], runs[0]["q/q"]["local"])  # the two cases differ
 
 
 def test_two_process_training_run(tmp_path):
