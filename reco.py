@@ -69,7 +69,9 @@ Deviations:
        with q/k the full method went DOWN to 21.1 % at epoch 15 (MoCo-v2 + Local alone: 18.3 %, its test features
        nearly parallel), with k/k it rose to 32.8 % (MoCo-v2 alone: 35.9 %). With q/k the target contains the
        online feature of x_i itself, which the mixed image's online feature can match better than any queued
-       momentum key. This is small-scale evidence only; `--feature-pair q/k` is the paper's choice.
+       momentum key; Table VII's image-and-feature q/q row (`--image-pair q/q --feature-pair q/q`), whose target
+       is made of online features only, fell to 17.1 %. This is small-scale evidence only; `--feature-pair q/k` is
+       the paper's choice.
 
 Results: no full-length run (no GPU in the sessions so far); the CPU runs are in README "Measured on CPU".
 """
