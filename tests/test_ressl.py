@@ -211,12 +211,16 @@ def test_two_processes_equal_one(tmp_path):
     run(["tests/ddp_check.py", str(two)], nproc=2)
     runs = [torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt")]
     assert set(runs[0]) == {"global_bn", "shuffle_bn"}  # the default, and --no-predictor with shuffle BN
+    # the shuffle-BN teacher runs in train mode on 8 images in one process and on 4 in each of two, with the default
+    # thread count in the first: float rounding then differs (about 2e-6 on gradients of 0.03-2.3), amplified by
+    # 1/tau_t = 25; a wrong grouping or order would differ by orders of magnitude more
+    tol = {"global_bn": dict(atol=1e-6), "shuffle_bn": dict(atol=1e-5, rtol=1e-4)}
     for case in runs[0]:
         a, r0, r1 = (r[case] for r in runs)
-        assert torch.allclose(a["loss"], r0["loss"], atol=1e-6), case
-        assert torch.allclose(a["relation"], r0["relation"], atol=1e-6), case
+        assert torch.allclose(a["loss"], r0["loss"], **tol[case]), case
+        assert torch.allclose(a["relation"], r0["relation"], **tol[case]), case
         for k in a["grads"]:
-            assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-6), (case, k)
+            assert torch.allclose(a["grads"][k], r0["grads"][k], **tol[case]), (case, k)
             assert torch.allclose(r0["grads"][k], r1["grads"][k], atol=0), (case, k)
         for r in (r0, r1):  # queues and teacher identical on every rank, and equal to the 1-process run
             assert torch.allclose(a["queue"], r["queue"], atol=1e-6), case
