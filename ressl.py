@@ -321,9 +321,9 @@ def shuffled_teacher(teacher, x_t, seed, step, accelerator):
 
 # ----------------------------------------------------------------------------- Training
 
-def forward_loss(student, state, views, labels, cfg, alpha, accelerator, step=0):
-    """One step's loss on this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` seeds the
-    shuffle of shuffle BN (only used when teacher_bn_splits(cfg) > 1)."""
+def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
+    """One step's loss on this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` (global
+    optimiser step) seeds the shuffle of shuffle BN, used when teacher_bn_splits(cfg) > 1."""
     x_s, x_t = views  # strong view for the student, weak (or strong) for the teacher
     p = student(x_s)  # (B, D)
     with torch.no_grad(), accelerator.autocast():
@@ -430,7 +430,7 @@ def train(cfg: Config):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             alpha = warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup)
-            loss, keys, logs = forward_loss(student, state, x_views, labels, cfg, alpha, accelerator, step)
+            loss, keys, logs = forward_loss(student, state, x_views, labels, cfg, alpha, step, accelerator)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()

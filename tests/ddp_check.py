@@ -38,8 +38,8 @@ for case, kw in {"global_bn": {}, "shuffle_bn": {"predictor": False, "bn_splits"
     state.teacher.train(splits > 1)
 
     local = slice(rank * B // world, (rank + 1) * B // world)
-    loss, keys, logs = ressl.forward_loss(student, state, [x_s[local], x_t[local]], labels[local], cfg, 0.5,
-                                          accelerator, step=3)
+    loss, keys, logs = ressl.forward_loss(student, state, [x_s[local], x_t[local]], labels[local], cfg, 0.5, 3,
+                                          accelerator)
     accelerator.backward(loss)
     grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
     optimizer.step()
