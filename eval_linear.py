@@ -10,7 +10,11 @@ weighted kNN top-1, k = 200, t = 0.1) to linear_eval.json beside the backbone (o
 """
 import dataclasses
 import json
+import math
 import os
+import pickle
+import sys
+import zipfile
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +34,7 @@ import common
 @dataclass
 class EvalConfig:
     backbone: str = ""  # path to backbone.pt written by a method script (also accepted as the first argument)
-    dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "fake"] = "cifar10"  # labelled data
+    dataset: Literal["cifar10", "cifar100", "stl10", "tiny-imagenet", "imagefolder", "fake"] = "cifar10"  # labelled data
     data_dir: str = "data"  # where datasets are downloaded to / read from
     fake_size: int = 512  # number of synthetic images for --dataset fake
     num_workers: int = 8  # data-loading worker processes per GPU
@@ -46,17 +50,63 @@ class EvalConfig:
     output: str = ""  # JSON result path; default linear_eval.json beside the backbone
 
 
+def parse_milestones(text):
+    """--milestones "60,80" -> [60, 80]; a UserError unless a (possibly empty) list of increasing positive integers."""
+    try:
+        milestones = [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        milestones = None
+    if milestones is None or any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+        raise common.UserError(f"--milestones must be increasing positive epoch numbers separated by commas (e.g. "
+                               f"60,80), or empty for a constant lr, got {text!r}.")
+    return milestones
+
+
+def check_config(cfg: EvalConfig):
+    """Flags outside their domain or a missing backbone file -> UserError naming the flag, before any work starts."""
+    def need(ok, flag, value, domain):
+        if not ok:
+            raise common.UserError(f"--{flag} must be {domain}, got {value!r}.")
+
+    if not cfg.backbone:
+        raise common.UserError("no backbone given: pass the backbone.pt a method script wrote "
+                               "(python eval_linear.py runs/<run>/backbone.pt).")
+    for flag in ("fake_size", "epochs", "batch_size"):
+        need(getattr(cfg, flag) >= 1, flag.replace("_", "-"), getattr(cfg, flag), "at least 1")
+    need(cfg.num_workers >= 0, "num-workers", cfg.num_workers, "0 or more")
+    need(0 <= cfg.seed < 2**32, "seed", cfg.seed, "in [0, 2**32)")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite positive number")
+    need(0 <= cfg.momentum <= 1, "momentum", cfg.momentum, "in [0, 1]")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight-decay", cfg.weight_decay,
+         "a finite number, 0 or more")
+    late = [m for m in parse_milestones(cfg.milestones) if m >= cfg.epochs]
+    if late and os.environ.get("RANK", "0") == "0":  # allowed (short checks keep the default 60,80), but say so
+        print(f"warning: --milestones {','.join(map(str, late))} come at or after --epochs {cfg.epochs}, so they "
+              f"never lower the lr.", file=sys.stderr)
+    if not os.path.isfile(cfg.backbone):
+        raise common.UserError(f"backbone file {cfg.backbone!r} not found: pass the backbone.pt a method script "
+                               f"wrote.")
+    if cfg.output and (os.path.isdir(cfg.output) or not os.path.isdir(os.path.dirname(os.path.abspath(cfg.output)))):
+        raise common.UserError(f"--output must be a file path in an existing folder, got {cfg.output!r}.")
+
+
 def load_backbone(path):
     """Rebuild the torchvision backbone described by backbone.pt -> (network without fc, metadata)."""
     if not os.path.isfile(path):
         raise common.UserError(f"backbone file {path!r} not found: pass the backbone.pt a method script wrote.")
-    ckpt = torch.load(path, map_location="cpu")
-    net = getattr(torchvision.models, ckpt["arch"])(weights=None)
-    if ckpt["cifar_stem"]:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+        net = getattr(torchvision.models, ckpt["arch"])(weights=None)
+        if ckpt["cifar_stem"]:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        net.load_state_dict(ckpt["state_dict"])
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, KeyError, IndexError, TypeError,
+            ValueError, AttributeError) as e:
+        first_line = (str(e).strip() or "-").splitlines()[0][:200]
+        raise common.UserError(f"{path!r} is not a backbone.pt written by a method script of this repository "
+                               f"({type(e).__name__}: {first_line}).") from None
     return net, ckpt
 
 
@@ -66,6 +116,7 @@ def top_k(logits, labels, ks=(1, 5)):
 
 
 def evaluate(cfg: EvalConfig):
+    check_config(cfg)
     accelerator = Accelerator()
     set_seed(cfg.seed)
     backbone, meta = load_backbone(cfg.backbone)
@@ -92,7 +143,7 @@ def evaluate(cfg: EvalConfig):
     classifier = nn.Linear(test_x.shape[1], num_classes)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    milestones = [int(m) for m in cfg.milestones.split(",") if m]
+    milestones = parse_milestones(cfg.milestones)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
     if cfg.cached:  # features computed once; each process trains on all of them (a linear layer is cheap)
         train_loader = DataLoader(TensorDataset(train_x.cpu(), train_y.cpu()), batch_size=cfg.batch_size,

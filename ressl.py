@@ -1,62 +1,35 @@
-"""ReSSL: Relational Self-Supervised Learning (journal version, with predictor and InfoNCE warm-up).
+"""ReSSL. M. Zheng, S. You, F. Wang, C. Qian, C. Zhang, X. Wang, C. Xu, "Weak Augmentation Guided Relational
+Self-Supervised Learning", IEEE TPAMI 2024, https://arxiv.org/abs/2203.08717 (NeurIPS 2021 version:
+https://arxiv.org/abs/2107.09282). Usage, logged metrics, paper-to-code map and evidence: docs/ressl.md.
 
-M. Zheng, S. You, F. Wang, C. Qian, C. Zhang, X. Wang, C. Xu. "Relational Self-Supervised Learning", IEEE TPAMI
-(journal extension of the NeurIPS 2021 paper, arXiv:2107.09282). Text: ../shared/papers/ressl.md.
+A student (strong view) learns to match the sharpened similarity distribution that an EMA teacher (weak view)
+computes over a queue of past teacher embeddings (Eqs. 3-6), through an asymmetric predictor and with an InfoNCE
+warm-up (Eq. 7). The defaults are the paper's small-scale setting (Sec. 4, CIFAR-10).
 
-Run:    accelerate launch ressl.py --data-dir data            (CIFAR-10, downloaded into data/)
-Smoke:  python ressl.py --dataset fake --epochs 2 --batch-size 32 --num-workers 0 --queue-size 256
-
-Reads with: Sec. 3.2 (relation, Eqs. 3-6), Sec. 3.3 (predictor, InfoNCE warm-up Eq. 7), Sec. 4 "Implementation
-Details" (all small-scale defaults below), Tables 1-2 (--tau-s/--tau-t, --no-predictor), Table 3
-(--no-infonce-warmup), Table 5 and Table 4's first-vs-last rows (--teacher-aug weak|strong), Table 6 (--queue-size).
-Tables 1, 2, 4, 5 and 6 were measured WITHOUT the InfoNCE warm-up (their best entries equal Table 3's "w/o" column):
-add --no-infonce-warmup to reproduce them. Table 3 itself shows the warm-up helping CIFAR-100, STL-10 and Tiny
-ImageNet and costing CIFAR-10 0.8 points (90.76 -> 89.98); the default keeps it on, as the journal method does.
-tau_t: Table 1's best is 0.04 on CIFAR-10 and 0.03 on the other data sets (--tau-t 0.03); ImageNet (Sec. 5.1) uses
-0.03, LARS lr 0.6 x batch/256, wd 1e-6, batch 1024, K 65536, m 0.996 -> 1 (cosine): not the defaults here.
+Run:    accelerate launch ressl.py --data-dir data
+Smoke:  python ressl.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0 --queue-size 256
+Paper:  accelerate launch ressl.py --dataset cifar100 --tau-t 0.03    (also stl10, tiny-imagenet: Table 1's best)
+        add --no-infonce-warmup for Tables 1, 2, 4, 5 and 6, which were measured without it
 
 Glossary (the paper's names):
     student   F_s -> g_s -> q: backbone, projector, predictor; gets the gradient; sees the strong view x^1.
     teacher   F_t -> g_t: EMA of the student's backbone and projector (Eq. 6); sees the weak view x^2.
     z_s, z_t  L2-normalised student prediction and teacher projection (the paper's z^1, z^2).
-    Q         memory buffer (queue) of the last K teacher embeddings, FIFO; p^1, p^2 are distributions over it.
-    tau_s/t   student / teacher temperature; tau_t < tau_s sharpens the target (Sec. 3.2).
-    alpha     InfoNCE warm-up weight, alpha = step / warm-up steps (Eq. 7).
+    Q, K      memory buffer (FIFO queue) of the last K teacher embeddings; p^1, p^2 are distributions over it.
+    tau_s/t   student / teacher temperature; tau_t < tau_s sharpens the target p^2 (Sec. 3.2).
+    m         teacher momentum of Eq. (6).
+    alpha     InfoNCE warm-up weight of Eq. (7): current step / warm-up steps, capped at 1.
 
-Interpretations (the paper is silent; each marked in the code):
-    1. InfoNCE warm-up length: the paper writes alpha = current_step / warmup_step without a value; we use the
-       learning-rate warm-up length (10 epochs), `--infonce-warmup-epochs`.
-    2. InfoNCE temperature: Eq. (1) names tau without a value for the warm-up loss; we reuse tau_s = 0.1 (`--tau-nce`).
-    3. Projector/predictor sizes at small scale are not given; we use the stated ImageNet sizes (Sec. 5.1: hidden
-       4096, output 256, predictor of the same shape) with BN + ReLU after the hidden layer.
-    4. The queue starts as random unit vectors (as MoCo does).
-    5. Sec. 4 lists crop (0.2, 1), colour distortion (strength 0.5, p 0.8) and blur (p 0.5) for the contrastive view;
-       flip and grayscale (p 0.2) come from Table 4's last row and MoCo v2 [11], which the method is based on; the
-       blur kernel (about 10 % of the side) and sigma (0.1, 2) are MoCo v2's. The CIFAR stem ("for a small dataset")
-       is used for images of 64 px or less (`--stem auto`), so STL-10 and Tiny-ImageNet, resized to 64 px as Sec. 4
-       says for medium data sets, get it too; `--stem imagenet` gives them the standard stem.
-
-Deviations:
-    1. BatchNorm (Sec. 4: "global BN and shuffle BN for with and without predictor setting"). With the predictor the
-       teacher and student use global BN: plain BN on one GPU (the batch is the global batch), SyncBatchNorm on
-       several. Without it the teacher uses shuffle BN: its BN statistics come from `--bn-splits` groups (default 8,
-       MoCo's 8 GPUs; the paper gives no count) of a random shuffle of the GLOBAL batch drawn from (seed, step);
-       every process encodes its groups, outputs are gathered and put back in order. On N GPUs with --bn-splits N
-       this is MoCo's shuffle BN, on one GPU its split-BN equivalent, and the result does not depend on the number
-       of processes (tested). The deviation: the student keeps global BN in the no-predictor setting too (MoCo's
-       query encoder uses per-GPU BN), so that a result does not depend on the number of GPUs.
-
-Results: no full-length run (no GPU in the sessions so far). On a 2,000-image CIFAR-10 (JPEG copy) subset on CPU
-(README "Measured on CPU") kNN top-1 rose from 26.5 % (random init) to 31.7 % at epoch 15 and 33.8 % at epoch 100;
-with --no-predictor to 32.4 % at epoch 15 with the teacher's shuffle BN and 32.8 % with --bn-splits 1 (global BN).
+Interpretations and deviations (marked in the code; what, why and evidence in docs/ressl.md):
+    Interpretation 1: InfoNCE warm-up length not given; the lr warm-up's 10 epochs (--infonce-warmup-epochs).
+    Interpretation 2: InfoNCE temperature not given; tau_s = 0.1 (--tau-nce).
+    Interpretation 3: head sizes given for ImageNet only; Sec. 5.1's hidden 4096, output 256, BN + ReLU.
+    Interpretation 4: the queue starts as random unit vectors (MoCo, the authors' code).
+    Interpretation 5: flip, grayscale, jitter, blur sigma/kernel from MoCo v2 / authors' code; CIFAR stem <= 64 px.
+    Deviation 1: without the predictor the student keeps global BN (the teacher has shuffle BN, --bn-splits).
 """
 import copy
-import dataclasses
-import json
 import math
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,46 +37,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from einops import rearrange
-from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
 
 import common
+from common import ViewSpec
 
 
 # ----------------------------------------------------------------------------- Config
 
 @dataclass
-class Config:
-    # data
-    dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "fake"] = "cifar10"  # dataset to pretrain on
-    data_dir: str = "data"  # where datasets are downloaded to / read from
-    fake_size: int = 512  # number of synthetic images for --dataset fake
-    num_workers: int = 8  # data-loading worker processes per GPU
-    # model
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # torchvision backbone
-    stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: 3x3 stride-1 conv and no max-pool for <= 64 px
-    # optimisation
-    epochs: int = 200  # pretraining epochs (Sec. 4)
-    batch_size: int = 256  # GLOBAL batch size, split evenly over processes
-    lr: float = 0.06  # base learning rate, scaled by batch_size / 256 (Sec. 4)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # SGD weight decay (Sec. 4)
-    warmup_epochs: int = 10  # linear learning-rate warm-up, then cosine decay (Sec. 4)
-    # run
-    seed: int = 0  # random seed (weights, views, shuffling)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: what `accelerate launch` was told
-    output_dir: str = ""  # default runs/ressl-<dataset>-<time>
-    resume: bool = False  # continue from the latest checkpoint in --output-dir
-    stop_after_epochs: int = 0  # end this invocation after this epoch (0: run to --epochs); continue with --resume
-    log_every: int = 50  # steps between metric lines
-    eval_every: int = 10  # epochs between kNN evaluations (also before training and at the end); 0: only at the end
-    checkpoint_every: int = 10  # epochs between checkpoints (and at the end)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_t: float = 0.1  # temperature of the kNN monitor
-    # ReSSL
+class Config(common.BaseConfig):
+    # ReSSL (the generic fields, common.BaseConfig, hold Sec. 4's optimisation: SGD, lr 0.06, wd 5e-4, 200 epochs)
     proj_hidden: int = 4096  # projector hidden width (Interpretation 3)
     proj_dim: int = 256  # embedding width (Interpretation 3)
     predictor: bool = True  # asymmetric predictor head on the student (Sec. 3.3; --no-predictor: Table 2)
@@ -121,31 +66,14 @@ class Config:
 
 # ----------------------------------------------------------------------------- Augmentations
 
-def strong_view(size, mean_std):
-    """Contrastive view of Sec. 4: crop scale (0.2, 1), flip, colour distortion strength 0.5 with p 0.8,
-    grayscale p 0.2, Gaussian blur p 0.5."""
-    s = 0.5
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel_size=2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(*mean_std),
-    ])
-
-
-def weak_view(size, mean_std):
-    """Teacher view, Table 4's best row: random resized crop (0.2, 1) and horizontal flip only."""
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(*mean_std),
-    ])
+def view_specs(cfg, size):
+    """[student view, teacher view]. Student: Sec. 4's contrastive view, crop (0.2, 1), flip, colour distortion of
+    strength s = 0.5 (jitter 0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2, blur p 0.5 (Interpretation 5).
+    Teacher: Table 4's best row, crop (0.2, 1) and flip only (--teacher-aug strong: the student's view)."""
+    # Interpretation 5: flip, grayscale, jitter strengths, blur sigma and kernel as MoCo v2 / the authors' code
+    strong = ViewSpec(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    weak = ViewSpec(crop_scale=(0.2, 1.0))
+    return [strong, strong if cfg.teacher_aug == "strong" else weak]
 
 
 # ----------------------------------------------------------------------------- Encoder and heads
@@ -268,13 +196,13 @@ class MomentumState(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher, student, m):
-    """Eq. (6): theta_t <- m * theta_t + (1 - m) * theta_s. BN running statistics are copied (the teacher runs in
-    train mode, so they only matter for whoever evaluates the teacher)."""
-    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-        # Eq. (6)
-        p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
-    for b_t, b_s in zip(teacher.buffers(), student.buffers()):
-        b_t.copy_(b_s)
+    """Eq. (6): theta_t <- m * theta_t + (1 - m) * theta_s, one fused call over all parameters. BN running statistics
+    are copied (the teacher runs in train mode, so they only matter for whoever evaluates the teacher)."""
+    # Eq. (6), fused over the parameter lists (the same arithmetic as p_t.mul_(m).add_(p_s, alpha=1 - m))
+    params = list(teacher.parameters())
+    torch._foreach_mul_(params, m)
+    torch._foreach_add_(params, [p.detach() for p in student.parameters()], alpha=1 - m)
+    torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
 
 
 @torch.no_grad()
@@ -321,9 +249,29 @@ def shuffled_teacher(teacher, x_t, seed, step, accelerator):
 
 # ----------------------------------------------------------------------------- Training
 
+def check_config(cfg, num_processes):
+    """Every flag's domain, checked before anything runs: one `error:` line and exit code 2 for a bad value."""
+    common.check_base_config(cfg, num_processes)
+    require = common.require
+    for name in ("proj_hidden", "proj_dim"):
+        require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1.")
+    for name in ("tau_s", "tau_t", "tau_nce"):
+        require(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
+    require(0 <= cfg.ema_momentum <= 1, f"--ema-momentum must lie in [0, 1], got {cfg.ema_momentum}.")
+    require(cfg.queue_size >= 0 and (cfg.queue_size or 4096) >= cfg.batch_size,
+            f"--queue-size {cfg.queue_size} must be at least --batch-size {cfg.batch_size} (0: the default).")
+    require(cfg.infonce_warmup_epochs >= 0, "--infonce-warmup-epochs must be 0 or more.")
+    require(cfg.bn_splits >= 0, f"--bn-splits must be 0 (auto) or more, got {cfg.bn_splits}.")
+    splits = teacher_bn_splits(cfg)
+    require(splits == 1 or (cfg.batch_size % splits == 0 and cfg.batch_size // splits >= 2
+                            and splits % num_processes == 0),
+            f"--bn-splits {splits} (shuffle BN) must divide --batch-size {cfg.batch_size} into groups of at least 2 "
+            f"images and be a multiple of the number of processes ({num_processes}).")
+
+
 def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
-    """One step's loss on this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` (global
-    optimiser step) seeds the shuffle of shuffle BN, used when teacher_bn_splits(cfg) > 1."""
+    """The loss of this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` (global optimiser
+    step) seeds the shuffle of shuffle BN, used when teacher_bn_splits(cfg) > 1."""
     x_s, x_t = views  # strong view for the student, weak (or strong) for the teacher
     p = student(x_s)  # (B, D)
     with torch.no_grad(), accelerator.autocast():
@@ -342,138 +290,79 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
     return loss, keys, {"relation": rel.detach(), "infonce": nce.detach(), "nn_match": nn_match}
 
 
-def train(cfg: Config):
-    accelerator = Accelerator(mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(cfg.seed)
-    with accelerator.main_process_first():  # one process downloads, the others then find the files
-        pretrain, memory, query, num_classes, size, mean_std = common.get_datasets(
-            cfg.dataset, cfg.data_dir, cfg.fake_size)
-    if cfg.dataset == "stl10":
-        size = 64  # Sec. 4: medium data sets are resized to 64 px
-    cifar_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and size <= 64)
-    queue_size = cfg.queue_size or (4096 if size <= 32 else 16384)
-    if queue_size < cfg.batch_size:
-        raise common.UserError(f"--queue-size {queue_size} must be at least --batch-size {cfg.batch_size}.")
-    splits = teacher_bn_splits(cfg)
-    if splits > 1 and (cfg.batch_size % splits or cfg.batch_size // splits < 2 or splits % accelerator.num_processes):
-        raise common.UserError(
-            f"--bn-splits {splits} (shuffle BN) must divide --batch-size {cfg.batch_size} into groups of at least 2 "
-            f"images and be a multiple of the number of processes ({accelerator.num_processes}).")
+def train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator):
+    """One optimiser step, in the paper's order: the loss against the queue as it was before this batch, SGD on the
+    student, the teacher's EMA (Eq. 6), then the batch's teacher keys (from every process) enter the queue."""
+    for g in optimizer.param_groups:
+        g["lr"] = sched["lr"]
+    loss, keys, logs = forward_loss(student, state, views, labels, cfg, sched["alpha"], step, accelerator)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        raw = accelerator.unwrap_model(student)
+        ema_update(state.teacher, nn.Sequential(raw.backbone, raw.projector), sched["ema_momentum"])
+        state.ptr.copy_(enqueue(state.queue, state.queue_labels, state.ptr, accelerator.gather(keys),
+                                accelerator.gather(labels)))
+    return {"loss": loss.detach(), **logs}
 
-    run = [cfg.output_dir or os.path.join("runs", f"ressl-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
-    broadcast_object_list(run)  # one name on every process
-    out = run[0]
-    if accelerator.is_main_process:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes}, f, indent=2)
-    logger = common.MetricLogger(os.path.join(out, "metrics.jsonl"), accelerator.is_main_process)
 
-    views = [strong_view(size, mean_std), strong_view(size, mean_std) if cfg.teacher_aug == "strong"
-             else weak_view(size, mean_std)]
-    train_set = common.MultiView(pretrain, views, seed=cfg.seed)
-    loader = common.make_loader(train_set, cfg.batch_size, accelerator.num_processes, True, cfg.num_workers)
-    eval_tf = common.eval_transform(size, mean_std)
-    memory_loader = common.make_loader(common.Transformed(memory, eval_tf), cfg.batch_size,
-                                       accelerator.num_processes, False, cfg.num_workers)
-    query_loader = common.make_loader(common.Transformed(query, eval_tf), cfg.batch_size,
-                                      accelerator.num_processes, False, cfg.num_workers)
-
-    student = Student(cfg, cifar_stem)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # global BN (Deviation 1)
+def schedules(cfg, step, steps_per_epoch):
+    """This step's learning rate (linear warm-up, then cosine; Sec. 4), alpha of Eq. (7) and teacher momentum."""
     base_lr = cfg.lr * cfg.batch_size / 256
-    optimizer = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    student, optimizer, loader, memory_loader, query_loader = accelerator.prepare(
-        student, optimizer, loader, memory_loader, query_loader)
-    raw = accelerator.unwrap_model(student)
-    state = MomentumState(raw, queue_size, cfg.proj_dim,
+    return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
+            "alpha": warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup),
+            "ema_momentum": cfg.ema_momentum}
+
+
+def setup(cfg, data, accelerator):
+    """The student and its optimiser, prepared by Accelerate, and the momentum state (teacher, queue), registered
+    for checkpointing -> (student, optimizer, state)."""
+    student = Student(cfg, data.cifar_stem)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # global BN (Deviation 1); the teacher inherits it
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    student, optimizer = accelerator.prepare(common.fast_model(student, cfg, accelerator), optimizer)
+    splits, queue_size = teacher_bn_splits(cfg), cfg.queue_size or (4096 if data.size <= 32 else 16384)
+    state = MomentumState(accelerator.unwrap_model(student), queue_size, cfg.proj_dim,
                           splits // accelerator.num_processes if splits > 1 else None).to(accelerator.device)
     accelerator.register_for_checkpointing(state)
-    student_ema_view = nn.Sequential(raw.backbone, raw.projector)  # the modules the teacher averages
+    return student, optimizer, state
 
-    steps_per_epoch = len(loader)
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    start_epoch = 0
-    if cfg.resume:
-        ckpt = common.latest_checkpoint(out)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint in {out}, starting from scratch")
-        else:
-            accelerator.load_state(ckpt)
-            with open(os.path.join(ckpt, "progress.json")) as f:
-                start_epoch = json.load(f)["epoch"]
-            accelerator.print(f"resumed from {ckpt} (epoch {start_epoch})")
 
-    def monitor(epoch, step, nn_match):
-        knn = common.knn_accuracy(raw.backbone, memory_loader, query_loader, num_classes, accelerator,
-                                  cfg.knn_k, cfg.knn_t)
-        m = accelerator.reduce(nn_match, "sum")
-        logger.log(epoch=epoch, step=step, knn_top1=knn, teacher_nn_same_label=(m[0] / m[1].clamp(min=1)).item() * 100)
-        accelerator.print(f"epoch {epoch}: kNN top-1 {knn:.2f}%")
+def epoch_diagnostics(nn_match, accelerator):
+    """Fig. 2's check, over the epoch: % of teacher keys whose nearest queue entry has the query's label."""
+    m = accelerator.reduce(nn_match, "sum")
+    return {"teacher_nn_same_label": (m[0] / m[1].clamp(min=1)).item() * 100}
 
-    last_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)
-    step = start_epoch * steps_per_epoch
-    if start_epoch == 0 and cfg.eval_every:
-        monitor(0, 0, torch.zeros(2, device=accelerator.device, dtype=torch.long))  # the random-init baseline
-    for epoch in range(start_epoch, last_epoch):
+
+def train(cfg: Config):
+    accelerator = common.make_accelerator(cfg)
+    check_config(cfg, accelerator.num_processes)
+    set_seed(cfg.seed)
+    # Sec. 4: medium data sets are resized to 64 px
+    data = common.load_data(cfg, accelerator, size=64 if cfg.dataset in ("stl10", "tiny-imagenet") else None)
+    run = common.Run(cfg, "ressl", accelerator, data)
+    loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    student, optimizer, state = setup(cfg, data, accelerator)
+    backbone = accelerator.unwrap_model(student).backbone
+
+    start_epoch, done = run.resume(len(loader))
+    step = start_epoch * len(loader) + done
+    nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
+    if step == 0 and cfg.eval_every:
+        run.monitor(0, 0, backbone, epoch_diagnostics(nn_match, accelerator))  # the random-init baseline
+    for epoch in range(start_epoch, run.last_epoch):
         student.train()
-        loader.set_epoch(epoch)
-        train_set.set_epoch(epoch)
         nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
-        tic, seen = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_local_main_process)
-        for (x_views, labels, _) in bar:
-            lr = lr_at(step, total_steps, warmup_steps, base_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            alpha = warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup)
-            loss, keys, logs = forward_loss(student, state, x_views, labels, cfg, alpha, step, accelerator)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                ema_update(state.teacher, student_ema_view, cfg.ema_momentum)
-                # the current batch enters the queue after the loss; keys from every process
-                state.ptr.copy_(enqueue(state.queue, state.queue_labels, state.ptr,
-                                        accelerator.gather(keys), accelerator.gather(labels)))
-            nn_match += logs["nn_match"]
+        for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
+            sched = schedules(cfg, step, len(loader))
+            logs = train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
+            nn_match += logs.pop("nn_match")
             step += 1
-            seen += cfg.batch_size
-            if step % cfg.log_every == 0 or step == total_steps:
-                rel, nce, l = (accelerator.reduce(t, "mean").item() for t in (logs["relation"], logs["infonce"], loss.detach()))
-                logger.log(step=step, epoch=epoch + 1, loss=l, relation=rel, infonce=nce, alpha=alpha, lr=lr,
-                           ema_momentum=cfg.ema_momentum, images_per_s=seen / (time.time() - tic))
-                bar.set_postfix(loss=f"{l:.3f}", lr=f"{lr:.3g}")
-
-        epoch_done = epoch + 1
-        if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
-            monitor(epoch_done, step, nn_match)
-        if epoch_done % cfg.checkpoint_every == 0 or epoch_done in (cfg.epochs, last_epoch):
-            save_checkpoint(accelerator, out, epoch_done)
-
-    if last_epoch == cfg.epochs and accelerator.is_main_process:
-        common.save_backbone(os.path.join(out, "backbone.pt"), raw.backbone, {
-            "arch": cfg.arch, "cifar_stem": cifar_stem, "image_size": size, "mean_std": mean_std,
-            "method": "ressl", "dataset": cfg.dataset, "epochs": cfg.epochs})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
-
-
-def save_checkpoint(accelerator, out, epoch):
-    """checkpoint-<epoch>: Accelerate state (student, optimiser, teacher, queue, RNG) + progress; keeps the newest."""
-    path = os.path.join(out, f"checkpoint-{epoch}")
-    accelerator.save_state(path)
-    if accelerator.is_main_process:
-        with open(os.path.join(path, "progress.json"), "w") as f:
-            json.dump({"epoch": epoch}, f)
-        for d in os.listdir(out):
-            if d.startswith("checkpoint-") and d != os.path.basename(path):
-                shutil.rmtree(os.path.join(out, d))
-    accelerator.wait_for_everyone()
+            run.after_step(step, epoch, logs, **sched)
+        run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(nn_match, accelerator))
+    return run.finish(backbone, {})
 
 
 if __name__ == "__main__":

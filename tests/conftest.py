@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from common import latest_checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_ZIP = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip")
+# a JPEG copy of CIFAR-10 in ImageFolder layout (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg)
+CIFAR_ZIP = os.environ.get("CIFAR10_JPEG_ZIP", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"))
 # small and fast: standard ResNet stem on 32 px (16x less compute than the CIFAR stem), narrow heads
 TINY = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--num-workers", "0", "--stem", "imagenet",
-        "--log-every", "1", "--eval-every", "1", "--knn-k", "5"]
+        "--log-every", "1", "--eval-every", "1", "--knn-k", "5", "--warmup-epochs", "1"]
 
 
 def run(args, nproc=1, check=True, timeout=600):
@@ -65,7 +68,7 @@ def run_resumed(args, tmp_path):
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     steps = [[m["step"] for m in read_metrics(out) if "loss" in m] for out in (straight, resumed)]
     assert steps[1] == steps[0] == list(range(1, len(steps[0]) + 1))  # no step done twice or skipped
-    return [torch.load(os.path.join(out, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    return [torch.load(os.path.join(latest_checkpoint(out), "custom_checkpoint_0.pkl"), weights_only=False)
             for out in (straight, resumed)]
 
 
@@ -73,7 +76,7 @@ def run_resumed(args, tmp_path):
 def cifar_subset(tmp_path_factory):
     """ImageFolder with 200 train and 100 test images per class from the CIFAR-10 JPEG copy (skips without it)."""
     if not os.path.exists(CIFAR_ZIP):
-        pytest.skip(f"CIFAR-10 JPEG copy not found at {CIFAR_ZIP}")
+        pytest.skip(f"CIFAR-10 JPEG copy not found at {CIFAR_ZIP} (set CIFAR10_JPEG_ZIP)")
     root = tmp_path_factory.mktemp("cifar10-jpeg-subset")
     per_split = {"train": 200, "test": 100}
     with zipfile.ZipFile(CIFAR_ZIP) as z:

@@ -155,6 +155,85 @@ def test_unknown_dataset_is_an_error():
 def test_script_reports_unreadable_image_without_traceback(tmp_path):
     root = _image_folder(tmp_path, n=4, corrupt=True)
     p = run(["ressl.py", "--dataset", "imagefolder", "--data-dir", root, "--batch-size", "2", "--num-workers", "1",
-             "--epochs", "1", "--stem", "imagenet", "--proj-hidden", "8", "--proj-dim", "4", "--queue-size", "8",
-             "--eval-every", "0", "--output-dir", str(tmp_path / "out")], check=False)
+             "--epochs", "1", "--warmup-epochs", "1", "--stem", "imagenet", "--proj-hidden", "8", "--proj-dim", "4",
+             "--queue-size", "8", "--eval-every", "0", "--output-dir", str(tmp_path / "out")], check=False)
     assert p.returncode == 2 and "cannot read image" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@dataclasses.dataclass
+class HashCfg:
+    tag: str = "a#b"  # a default holding a hash sign
+    size: int = 3  # plain
+
+
+def test_help_is_not_garbled_by_a_hash_in_a_default(capsys):
+    assert common._field_comments(HashCfg) == {"tag": "a default holding a hash sign", "size": "plain"}
+    with pytest.raises(SystemExit):
+        common.parse_config(HashCfg, ["--help"])
+    out = capsys.readouterr().out
+    assert "a default holding a hash sign" in out and "a#b" in out
+
+
+def test_config_without_source_still_parses(monkeypatch):
+    """A Config pasted into a notebook or REPL has no source file: flags work, without help text."""
+    def no_source(obj):
+        raise OSError("could not get source code")
+    monkeypatch.setattr(common.inspect, "getsource", no_source)
+    assert common._field_comments(Cfg) == {}
+    assert common.parse_config(Cfg, ["--lr", "0.5", "--no-flag"]) == Cfg(lr=0.5, flag=False)
+
+
+def test_config_defined_by_exec_parses():
+    namespace = {"dataclasses": dataclasses}
+    exec("@dataclasses.dataclass\nclass C:\n    x: int = 1  # an int\n", namespace)
+    assert common.parse_config(namespace["C"], ["--x", "4"]).x == 4
+
+
+def test_method_configs_extend_the_base_config():
+    import hnpm, median_triplet, reco, ressl, smog
+    base = [f.name for f in dataclasses.fields(common.BaseConfig)]
+    for m in (median_triplet, smog, ressl, hnpm, reco):
+        assert issubclass(m.Config, common.BaseConfig)
+        assert [f.name for f in dataclasses.fields(m.Config)][:len(base)] == base  # generic fields first
+
+
+def _tiny_imagenet(root, classes=("n01", "n02"), per_class=3):
+    for c in classes:
+        d = root / "train" / c / "images"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(d / f"{c}_{i}.JPEG")
+        (root / "train" / c / f"{c}_boxes.txt").write_text("")
+    (root / "val" / "images").mkdir(parents=True)
+    rows = []
+    for i, c in enumerate(classes * 2):
+        Image.new("RGB", (64, 64), (0, i * 30, 0)).save(root / "val" / "images" / f"val_{i}.JPEG")
+        rows.append(f"val_{i}.JPEG\t{c}\t0\t0\t10\t10")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_tiny_imagenet_reads_the_distributed_layout(tmp_path):
+    _tiny_imagenet(tmp_path)
+    pretrain, memory, query, n_cls, size, _ = common.get_datasets("tiny-imagenet", str(tmp_path))
+    assert n_cls == 2 and size == 64 and len(pretrain) == 6 and len(query) == 4
+    assert [query[i][1] for i in range(4)] == [0, 1, 0, 1] and query[0][0].size == (64, 64)
+
+
+def test_tiny_imagenet_through_imagefolder_says_how_to_fix_it(tmp_path):
+    _tiny_imagenet(tmp_path)
+    with pytest.raises(common.UserError, match="--dataset tiny-imagenet"):
+        common.get_datasets("imagefolder", str(tmp_path))
+
+
+def test_tiny_imagenet_without_annotations_is_one_clear_error(tmp_path):
+    _tiny_imagenet(tmp_path)
+    (tmp_path / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(common.UserError, match="val_annotations.txt"):
+        common.get_datasets("tiny-imagenet", str(tmp_path))
+
+
+def test_effective_rank_of_non_finite_input_is_nan_not_an_error():
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    assert math.isnan(common.effective_rank(x).item())
+    assert math.isfinite(common.effective_rank(torch.randn(8, 4)).item())

@@ -1,23 +1,31 @@
 """Tests for hnpm.py: the loss on hand-computed numbers and against a loop transcription, the Eq. (5) threshold,
-the empty hard set, where gradient flows, and (below) the training script end to end."""
+the empty hard set, where gradient flows, the script's own train_step (roles of the two networks and views, the hard
+set's pair, the EMA's direction), and the training script end to end (smoke, device views, resume, two processes,
+bad input)."""
+import copy
+import dataclasses
+import json
 import math
 import os
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 
+import common
 import hnpm
 from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 SMALL = list(TINY)
 SMALL[SMALL.index("--fake-size") + 1] = "16"  # 2 steps of 8 per epoch: the CPU tests stay inside CI's budget
+NO_DATA = types.SimpleNamespace(cifar_stem=False)  # what setup() reads of the data
 
 
 # ----------------------------------------------------------------------------- loss
 
-def _loop_hnpm(u_t, u_s, alpha1=0.8, alpha2=0.1, threshold=1.0, mining=True):
+def _loop_hnpm(u_t, u_s, alpha1=0.8, alpha2=0.1, threshold=1.0, mining="threshold"):
     """Plain Python transcription of Eqs. (2)-(5), (7) with DisSim = mean over dims (Interpretation 1)."""
     t = [[float(x) for x in row] for row in u_t]
     s = [[float(x) for x in row] for row in u_s]
@@ -33,7 +41,7 @@ def _loop_hnpm(u_t, u_s, alpha1=0.8, alpha2=0.1, threshold=1.0, mining=True):
     for i in range(B):
         total, size = 0.0, 0
         for j in range(B):
-            if j != i and (not mining or dissim(s[i], t[j]) <= threshold):
+            if j != i and (mining == "all" or dissim(s[i], t[j]) <= threshold):
                 total += dissim(s[i], t[j])
                 size += 1
         sizes.append(size)
@@ -60,6 +68,47 @@ def test_hand_computed():
     assert parts["mask"].tolist() == [[False, True, True], [True, False, True], [False, False, False]]
 
 
+def test_hardest_keeps_only_the_nearest_negative_hand_computed():
+    # the inputs of test_hand_computed: DisSim(s_i, t_j) = [[.125, 1, .5], [.625, 2, .5], [2.125, 2.5, 2]]
+    # hardest j != i: anchor 0 -> 2 (.5), anchor 1 -> 2 (.5), anchor 2 -> 0 (2.125; no threshold, so never empty)
+    u_t = torch.tensor([[2.0, 1.0], [0.0, -1.0], [1.0, 1.0]])
+    u_s = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])
+    l1 = (0.125 + 2.0 + 2.0) / 3
+    l2 = -(math.log(0.5) + math.log(0.5) + math.log(2.125)) / 3
+    loss, parts = hnpm.hnpm_loss(u_t, u_s, 0.8, 0.1, 1.0, mining="hardest", return_parts=True)
+    assert loss.item() == pytest.approx(0.8 * l1 + 0.1 * l2, rel=1e-6)
+    assert parts["l2"].item() == pytest.approx(l2, rel=1e-6)
+    assert parts["mask"].tolist() == [[False, False, True], [False, False, True], [True, False, False]]
+    assert parts["hard_size"].item() == 1 and parts["empty_frac"].item() == 0
+    # the pair statistics that say how far the batch is from the threshold (j != i only)
+    assert parts["dissim_mean"].item() == pytest.approx((1 + .5 + .625 + .5 + 2.125 + 2.5) / 6, rel=1e-6)
+    assert parts["dissim_max"].item() == pytest.approx(2.5)
+
+
+def test_mining_rules():
+    d = torch.tensor([[0.0, 0.3, 1.2, 0.2], [0.9, 0.0, 0.4, 1.5], [1.1, 0.1, 0.0, 0.1], [0.3, 0.3, 2.0, 0.0]])
+    thr = hnpm.hard_negative_mask(d, 1.0, "threshold")
+    assert thr.tolist() == [[False, True, False, True], [True, False, True, False],
+                            [False, True, False, True], [True, True, False, False]]
+    assert hnpm.hard_negative_mask(d, 1.0, "all").sum().item() == 12
+    # hardest: smallest d[i, j] over j != i (the zero diagonal is never chosen), first index on a tie (row 2, 3)
+    assert hnpm.hard_negative_mask(d, 1.0, "hardest").nonzero().tolist() == [[0, 3], [1, 2], [2, 1], [3, 0]]
+    assert torch.equal(hnpm.hard_negative_mask(d, 0.0, "hardest"), hnpm.hard_negative_mask(d, 5.0, "hardest"))
+    with pytest.raises(AssertionError, match="mining='nearest'"):
+        hnpm.hnpm_loss(torch.randn(3, 2), torch.randn(3, 2), mining="nearest")
+
+
+def test_hardest_gradient_goes_only_through_the_nearest_pair():
+    g = torch.Generator().manual_seed(6)
+    u_t = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    u_s = u_t.detach() + 0.8 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: hnpm.hnpm_loss(x, u_s, mining="hardest"), (u_t,))
+    _, parts = hnpm.hnpm_loss(u_t, u_s, mining="hardest", return_parts=True)
+    hnpm.hnpm_loss(u_t, u_s, alpha1=0.0, mining="hardest").backward()  # L2 alone
+    used = parts["mask"].any(dim=0)  # teacher rows that are some anchor's nearest negative
+    assert (u_t.grad[~used] == 0).all() and (u_t.grad[used].abs().sum(-1) > 0).all()
+
+
 def test_threshold_includes_and_excludes_exactly_at_one():
     # DisSim(s_0, t_1) = ((1 - (-1))^2 + 0 + 0 + 0) / 4 = 1 exactly; DisSim(s_1, t_0) = 1 too.
     u_t = torch.tensor([[1.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
@@ -74,7 +123,7 @@ def test_threshold_includes_and_excludes_exactly_at_one():
     assert d[0, 1].item() == 1.0
 
 
-@pytest.mark.parametrize("mining", [True, False])
+@pytest.mark.parametrize("mining", ["threshold", "all"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_loop(seed, mining):
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +137,7 @@ def test_matches_loop(seed, mining):
     assert parts["l2"].item() == pytest.approx(l2, rel=1e-5, abs=1e-6)
     assert parts["hard_size"].item() == pytest.approx(size)
     assert parts["empty_frac"].item() == pytest.approx(empty)
-    if mining and seed == 0:
+    if mining == "threshold" and seed == 0:
         assert 0 < size < 8  # the case really mines something and leaves something out
 
 
@@ -105,7 +154,7 @@ def test_empty_hard_set_gives_zero_l2_and_still_trains():
 
 def test_no_mining_takes_every_other_row():
     u = torch.randn(6, 4)
-    _, parts = hnpm.hnpm_loss(u + 5, u, mining=False, return_parts=True)
+    _, parts = hnpm.hnpm_loss(u + 5, u, mining="all", return_parts=True)
     assert parts["hard_size"].item() == 5 and parts["empty_frac"].item() == 0
     assert parts["mask"].sum().item() == 30 and not parts["mask"].diagonal().any()
 
@@ -153,15 +202,15 @@ def test_float32_under_autocast():
 
 
 def test_bad_shapes():
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(AssertionError, match="same shape"):
         hnpm.hnpm_loss(torch.randn(4, 3), torch.randn(5, 3))
 
 
-def test_false_negative_rate():
+def test_mined_pairs_counts_same_label_pairs():
     mask = torch.tensor([[False, True, True], [True, False, False], [False, False, False]])
     labels = torch.tensor([0, 0, 1])
-    assert hnpm.false_negative_rate(mask, labels).item() == pytest.approx(2 / 3)
-    assert math.isnan(hnpm.false_negative_rate(torch.zeros(3, 3, dtype=torch.bool), labels).item())
+    assert hnpm.mined_pairs(mask, labels).tolist() == [2, 3]
+    assert hnpm.mined_pairs(torch.zeros(3, 3, dtype=torch.bool), labels).tolist() == [0, 0]
 
 
 # ----------------------------------------------------------------------------- momentum and schedules
@@ -171,61 +220,139 @@ def test_ema_update(tau):
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     teacher = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     teacher(torch.randn(5, 3))  # moves the teacher's running statistics
-    s0 = {k: v.clone() for k, v in student.state_dict().items()}
-    t0 = teacher.state_dict()
+    s0 = [p.clone() for p in student.parameters()]
     hnpm.ema_update(student, teacher, tau)
-    for k, v in student.state_dict().items():
-        if v.is_floating_point():  # Eq. (6) on parameters and BN statistics alike (Interpretation 9)
-            assert torch.allclose(v, tau * s0[k] + (1 - tau) * t0[k]), k
-        else:
-            assert torch.equal(v, t0[k]), k
-    if tau == 0.0:
-        assert all(torch.equal(v, t0[k]) for k, v in student.state_dict().items())
-    if tau == 1.0:
-        assert all(torch.equal(v, s0[k]) for k, v in student.state_dict().items() if v.is_floating_point())
+    for before, p_s, p_t in zip(s0, student.parameters(), teacher.parameters()):  # Eq. (6) on the parameters
+        assert torch.allclose(p_s, tau * before + (1 - tau) * p_t)
+        if tau in (0.0, 1.0):  # Table 7's ends: a copy of the teacher, a frozen student
+            assert torch.equal(p_s, p_t if tau == 0.0 else before)
+    for b_s, b_t in zip(student.buffers(), teacher.buffers()):  # Interpretation 9: BN statistics are copied
+        assert torch.equal(b_s, b_t)
 
 
 def test_lr_schedule_end_points():
     assert hnpm.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert hnpm.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert hnpm.lr_at(0, 100, 0, 0.1) == pytest.approx(0.1)  # --paper-optim: no warm-up
+    assert hnpm.lr_at(0, 100, 0, 0.1) == pytest.approx(0.1)
     assert hnpm.lr_at(100, 100, 0, 0.1) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_teacher_heads_and_views():
+def test_schedules_adam_is_the_papers_and_sgd_is_the_recipe():
+    adam = hnpm.schedules(hnpm.Config(), 0, 10)  # Sec. 3.5: lr 0.1 at the first step, not batch-scaled, no warm-up
+    assert adam == {"lr": pytest.approx(0.1), "ema_tau": 0.5}
+    assert hnpm.schedules(hnpm.Config(), 500, 10)["lr"] == pytest.approx(0.05)  # half-way down the 100-epoch cosine
+    sgd = hnpm.Config(optimizer="sgd", lr=0.06, batch_size=128, warmup_epochs=10, ema_tau=0.999)
+    assert hnpm.schedules(sgd, 0, 10) == {"lr": pytest.approx(0.03 / 100), "ema_tau": 0.999}
+    assert hnpm.schedules(sgd, 100, 10)["lr"] == pytest.approx(0.03)
+
+
+def test_defaults_are_the_papers():
+    cfg = hnpm.Config()
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.grad_clip) == ("adam", 0.1, 160, 100, 1.0)
+    assert (cfg.weight_decay, cfg.warmup_epochs) == (0.0, 0)  # Sec. 3.5 states neither
+    assert (cfg.ema_tau, cfg.alpha1, cfg.alpha2, cfg.threshold, cfg.mining) == (0.5, 0.8, 0.1, 1.0, "threshold")
+
+
+# ----------------------------------------------------------------------------- networks and views
+
+def test_teacher_heads():
     cfg = hnpm.Config(proj_hidden=8, proj_dim=4)
     assert hnpm.Teacher(cfg, cifar_stem=True)(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     bare = hnpm.Teacher(hnpm.Config(projector=False), cifar_stem=True)
     assert isinstance(bare.projector, nn.Identity) and bare(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_views_are_the_papers_and_the_student_sees_the_plain_image():
+    augmented, plain = hnpm.view_specs(hnpm.Config(), 32)
+    # Sec. 3.5: jitter (0.8, 0.8, 0.8, 0.2) on 80 %, grayscale 20 %, flip 50 %, 3x3 blur sigma 1.5 on 10 %, crop [0.8, 1]
+    assert (augmented.jitter, augmented.jitter_p, augmented.gray_p, augmented.flip_p) == ((0.8, 0.8, 0.8, 0.2), 0.8,
+                                                                                         0.2, 0.5)
+    assert (augmented.blur_p, augmented.blur_sigma, augmented.kernel_size(32)) == (0.1, (1.5, 1.5), 3)
+    assert augmented.crop_scale == (0.8, 1.0) and augmented.solarize_p == 0
     from PIL import Image
-    img = Image.new("RGB", (32, 32), (120, 60, 30))
-    stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    plain = hnpm.student_view(32, stats)
-    assert torch.equal(plain(img), plain(img))  # the student's view is deterministic: no augmentation
-    assert hnpm.teacher_view(32, stats)(img).shape == (3, 32, 32)
+    stats = ((0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+    hwc = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    img, u8 = Image.fromarray(hwc.numpy()), hwc.permute(2, 0, 1)[None]  # PIL for torchvision, uint8 for batches
+    # both data paths give the un-augmented image, as the evaluation transform does
+    expected = common.eval_transform(32, stats)(img)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert torch.equal(common.torchvision_view(plain, 32, stats)(img), expected)
+        got = common.batched_view(plain, u8, 32, stats, common.view_generator(seed, 0, 0, 1))
+        assert torch.allclose(got[0], expected, atol=1e-4)
 
 
-def test_fast_sanity_hnpm_step_lowers_the_loss_without_collapse():
-    """Four steps on one fixed batch: the loss goes down, the representation does not collapse to one point."""
+# ----------------------------------------------------------------------------- the script's own step
+
+def _step_setup(**overrides):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    cfg = hnpm.Config(arch="resnet18", proj_hidden=64, proj_dim=32)
-    teacher = hnpm.Teacher(cfg, cifar_stem=False)
-    import copy
-    student = copy.deepcopy(teacher).requires_grad_(False)
-    x = torch.randn(12, 3, 32, 32)
-    x_aug = x + 0.1 * torch.randn_like(x)
-    opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(4):
-        with torch.no_grad():
-            u_s = student(x)
-        loss = hnpm.hnpm_loss(teacher(x_aug), u_s)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        opt.step()
-        hnpm.ema_update(student, teacher, 0.5)
-        losses.append(loss.item())
+    cfg = hnpm.Config(proj_hidden=32, proj_dim=16, optimizer="sgd", **overrides)
+    teacher, optimizer, student = hnpm.setup(cfg, NO_DATA, accelerator)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the student differs from the teacher, as after some training
+    return cfg, accelerator, teacher, optimizer, student
+
+
+def test_train_step_order_and_roles(monkeypatch):
+    """hnpm.train_step, as train() calls it: the loss sees the TEACHER's representation of the AUGMENTED view
+    (views[0]) and the STUDENT's of the un-augmented one (views[1]), both as before the step; the hard set is Eq.
+    (5)'s {j != i : DisSim(U'_i, U_j) <= threshold} of exactly that pair (checked by a loop); the teacher takes the
+    optimiser step; the student then moves toward the UPDATED teacher by Eq. (6), θ_S <- τ θ_S + (1-τ) θ_T."""
+    cfg, accelerator, teacher, optimizer, student = _step_setup(ema_tau=0.5, log_every=1)
+    teacher.eval(), student.eval()  # BN on running statistics, so that the representations can be recomputed here
+    g = torch.Generator().manual_seed(1)
+    x_aug, x_plain, labels = torch.randn(6, 3, 32, 32, generator=g), torch.randn(6, 3, 32, 32, generator=g), \
+        torch.tensor([0, 1, 0, 1, 2, 2])
+    teacher_before, student_before = copy.deepcopy(teacher), copy.deepcopy(student)
+    with torch.no_grad():
+        u_t, u_s = teacher_before(x_aug), student_before(x_plain)
+    t, s = hnpm.linf_normalize(u_t), hnpm.linf_normalize(u_s)
+    off = ~torch.eye(6, dtype=torch.bool)
+    values = hnpm.pairwise_dissim(s, t)[off].sort().values
+    threshold = ((values[14] + values[15]) / 2).item()  # half the pairs: no pair sits at the threshold
+    cfg = dataclasses.replace(cfg, threshold=threshold)
+    expected = [[i != j and ((s[i] - t[j]) ** 2).mean().item() <= threshold for j in range(6)] for i in range(6)]
+    for a, b in ((t, s), (s, s), (t, t)):  # the wrong pairs select other sets here, so the check can tell them apart
+        assert (hnpm.hard_negative_mask(hnpm.pairwise_dissim(a, b), threshold) & off).tolist() != expected
+    seen, real = {}, hnpm.hnpm_loss
+
+    def spy(u_teacher, u_student, *a, **k):
+        out = real(u_teacher, u_student, *a, **k)
+        seen.update(u_teacher=u_teacher.detach().clone(), u_student=u_student.detach().clone(), mask=out[1]["mask"])
+        return out
+    monkeypatch.setattr(hnpm, "hnpm_loss", spy)
+    logs = hnpm.train_step(teacher, student, optimizer, [x_aug, x_plain], labels, cfg,
+                           {"lr": 0.1, "ema_tau": 0.5}, 0, accelerator)
+    assert list(logs)[0] == "loss" and all(v.dim() == 0 for k, v in logs.items() if k != "diag")
+    assert torch.allclose(seen["u_teacher"], u_t, atol=1e-6) and torch.allclose(seen["u_student"], u_s, atol=1e-6)
+    assert seen["mask"].tolist() == expected
+    ref_loss, l1, l2, size, empty = _loop_hnpm(u_t.tolist(), u_s.tolist(), 0.8, 0.1, threshold)
+    assert logs["loss"].item() == pytest.approx(ref_loss, rel=1e-5) and logs["hard_size"].item() == pytest.approx(size)
+    # the teacher took SGD's first step (lr 0.1) on the clipped gradient of that loss, computed here by hand
+    ref = copy.deepcopy(teacher_before)
+    real(ref(x_aug), u_s, 0.8, 0.1, threshold).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    after = dict(teacher.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.allclose(after[name], p - 0.1 * p.grad, atol=1e-6), name
+    # Eq. (6): the student moved halfway toward the updated teacher (a swapped call would move the teacher instead)
+    before = dict(student_before.named_parameters())
+    for name, p in student.named_parameters():
+        assert torch.allclose(p, 0.5 * before[name] + 0.5 * after[name], atol=1e-6), name
+    assert all(not p.requires_grad for p in student.parameters())
+
+
+def test_train_step_lowers_the_loss_without_collapse():
+    """Four steps of train_step on one fixed batch (train-mode BN): the loss goes down, the rows stay distinct."""
+    cfg, accelerator, teacher, optimizer, student = _step_setup()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 3, 32, 32, generator=g)
+    views, labels = [x + 0.1 * torch.randn(x.shape, generator=g), x], torch.zeros(12, dtype=torch.long)
+    losses = [hnpm.train_step(teacher, student, optimizer, views, labels, cfg, {"lr": 0.05, "ema_tau": 0.5}, i,
+                              accelerator)["loss"].item() for i in range(4)]
     assert losses[-1] < losses[0]
     with torch.no_grad():
         t = hnpm.linf_normalize(teacher.eval()(x))
@@ -236,100 +363,73 @@ def test_fast_sanity_hnpm_step_lowers_the_loss_without_collapse():
 
 def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     out = str(tmp_path / "run")
-    run(["hnpm.py", *SMALL, *HEADS, "--epochs", "2", "--output-dir", out])
+    run(["hnpm.py", *SMALL, *HEADS, "--epochs", "2", "--warmup-epochs", "0", "--output-dir", out])
     metrics = read_metrics(out)
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == 4 and all(math.isfinite(m["loss"]) for m in steps)
-    assert {"l1", "l2", "hard_size", "empty_frac", "false_neg", "lr", "ema_tau", "images_per_s"} <= set(steps[0])
-    assert steps[0]["ema_tau"] == 0.999  # Deviation 3; the paper's 0.5 is --ema-tau 0.5
+    assert list(steps[0])[:11] == ["step", "epoch", "loss", "l1", "l2", "hard_size", "empty_frac", "dissim_mean",
+                                   "dissim_max", "false_neg", "lr"] and {"ema_tau", "images_per_s"} <= set(steps[0])
+    assert steps[0]["ema_tau"] == 0.5  # Sec. 3.5
+    assert steps[0]["lr"] == pytest.approx(0.1)  # Sec. 3.5: Adam at lr 0.1, no warm-up
+    assert 0 <= steps[0]["dissim_mean"] <= steps[0]["dissim_max"] <= 4
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
     assert {"hard_size", "empty_frac", "false_neg", "u_erank"} <= set(knn[-1])
     assert 1 - 1e-4 <= knn[-1]["u_erank"] <= 7 + 1e-3  # 8 rows have at most 7 centred directions
-    assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
+    assert {"wall_time_s", "peak_memory_mb"} <= set(metrics[-1])
+    assert common.latest_checkpoint(out).endswith("checkpoint-4")
     check_backbone(out, "hnpm")
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    args = ["hnpm.py", *SMALL, *HEADS, "--epochs", "2", "--eval-every", "0"]
-    # the student (EMA network) is checkpointed and ends identical too
+def test_sgd_recipe_and_hardest_mining_run(tmp_path):
+    out = str(tmp_path / "run")
+    run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--eval-every", "0", "--optimizer", "sgd", "--lr", "0.06",
+         "--weight-decay", "5e-4", "--warmup-epochs", "1", "--mining", "hardest", "--ema-tau", "0.999",
+         "--output-dir", out])
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
+    # SGD lr 0.06 x batch 8 / 256, linear warm-up over the epoch's 2 steps (metrics.jsonl rounds to 6 decimals)
+    assert steps[0]["lr"] == pytest.approx(0.06 * 8 / 256 / 2, abs=1e-6)
+    assert steps[1]["lr"] == pytest.approx(0.06 * 8 / 256, abs=1e-6)
+    assert all(m["hard_size"] == 1 and m["empty_frac"] == 0 for m in steps) and steps[0]["ema_tau"] == 0.999
+
+
+@pytest.mark.parametrize("flags", [[], ["--views-on", "device"]], ids=["workers", "device_views"])
+def test_resume_equals_uninterrupted(flags, tmp_path):
+    args = ["hnpm.py", *SMALL, *HEADS, "--epochs", "2", "--eval-every", "0", *flags]
+    # the student (the EMA network, registered with Accelerate) is checkpointed and ends identical too
     sa, sb = run_resumed(args, tmp_path)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-DDP_CHECK = """
-import copy, sys
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-import hnpm
-
-accelerator = Accelerator(cpu=True)
-rank, world = accelerator.process_index, accelerator.num_processes
-result = {}
-for student_grad in (False, True):
-    cfg = hnpm.Config(proj_hidden=32, proj_dim=16, threshold=0.25, student_grad=student_grad)
-    set_seed(0)
-    teacher = hnpm.Teacher(cfg, cifar_stem=False)
-    g = torch.Generator().manual_seed(1)
-    B = 8
-    x_t, x_s = torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)
-    labels = torch.randint(0, 3, (B,), generator=g)
-    optimizer = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
-    teacher, optimizer = accelerator.prepare(teacher, optimizer)
-    raw = accelerator.unwrap_model(teacher)
-    student = copy.deepcopy(raw).requires_grad_(student_grad)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))  # student != teacher, as after some training
-    if student_grad:
-        optimizer.add_param_group({"params": list(student.parameters())})
-    teacher.eval()  # BatchNorm statistics held equal: per-process batch statistics differ by design on CPU
-    student.eval()
-    local = slice(rank * B // world, (rank + 1) * B // world)
-    loss, logs = hnpm.forward_loss(teacher, student, [x_t[local], x_s[local]], labels[local], cfg, accelerator)
-    optimizer.zero_grad()
-    accelerator.backward(loss)
-    if student_grad:
-        hnpm.average_student_grads(student, accelerator)
-    grads = {n: p.grad.clone() for n, p in raw.named_parameters()}
-    grads.update({"student." + n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
-    optimizer.step()
-    hnpm.ema_update(student, raw, 0.5)
-    result[student_grad] = {"loss": loss.detach(), "grads": grads, "student": student.state_dict(),
-                            "hard_size": logs["hard_size"], "mined": logs["mined"]}
-torch.save(result, f"{sys.argv[1]}/rank{rank}.pt")
-"""
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_two_processes_equal_one(tmp_path):
-    script = tmp_path / "ddp_check_hnpm.py"
-    script.write_text(DDP_CHECK)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    run([str(script), str(one)])
-    run([str(script), str(two)], nproc=2)
+    run(["tests/ddp_check_hnpm.py", str(one)])
+    run(["tests/ddp_check_hnpm.py", str(two)], nproc=2)
     a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
     for sg in (False, True):
         # the mining really selects: some but not all of the 7 other rows, over the global batch
         assert 0 < a[sg]["hard_size"].item() < 7
-        assert torch.equal(a[sg]["mined"], r0[sg]["mined"]) and torch.equal(a[sg]["hard_size"], r1[sg]["hard_size"])
+        assert torch.equal(a[sg]["diag"], r0[sg]["diag"]) and torch.equal(a[sg]["hard_size"], r1[sg]["hard_size"])
         assert torch.allclose(a[sg]["loss"], r0[sg]["loss"], atol=1e-6)
-        assert torch.allclose(r0[sg]["loss"], r1[sg]["loss"], atol=0)
+        assert torch.equal(r0[sg]["loss"], r1[sg]["loss"])
         assert any(k.startswith("student.") for k in a[sg]["grads"]) == sg  # the student gets a gradient iff asked
         assert a[sg]["grads"].keys() == r0[sg]["grads"].keys()
         for k in a[sg]["grads"]:
             assert torch.allclose(a[sg]["grads"][k], r0[sg]["grads"][k], atol=1e-6), k
-            assert torch.allclose(r0[sg]["grads"][k], r1[sg]["grads"][k], atol=0), k
-        for r in (r0, r1):  # the student (EMA) is identical on every rank and equal to the 1-process run
-            assert all(torch.allclose(a[sg]["student"][k], r[sg]["student"][k], atol=1e-6) for k in a[sg]["student"])
+            assert torch.equal(r0[sg]["grads"][k], r1[sg]["grads"][k]), k
+        for r in (r0, r1):  # teacher and student (EMA) identical on every rank and equal to the 1-process run
+            for net in ("teacher", "student"):
+                assert all(torch.allclose(a[sg][net][k], r[sg][net][k], atol=1e-6) for k in a[sg][net]), net
 
 
-def test_two_process_training_run(tmp_path, monkeypatch):
+def test_two_process_training_run(tmp_path):
     """The real loop under torchrun with 2 CPU processes (and --student-grad): runs, logs, checkpoints."""
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # without it Accelerate sees 1 process under torchrun on CPU
     out = str(tmp_path / "ddp")
     run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--output-dir", out, "--student-grad"], nproc=2)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
 
 
@@ -337,9 +437,28 @@ def test_two_process_training_run(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--ema-tau", "1.5"], "--ema-tau 1.5 must lie in [0, 1]"),
-    (["--batch-size", "1"], "use >= 2"),
-    (["--fake-size", "4"], "fewer than one global batch"),
+    (["--ema-tau", "-0.1"], "--ema-tau -0.1 must lie in [0, 1]"),
+    (["--batch-size", "1"], "--batch-size 1: HNPM mines negatives inside the batch, use >= 2"),
+    (["--alpha1", "-0.5"], "--alpha1 must be 0 or more"),
+    (["--alpha2", "-1"], "--alpha2 must be 0 or more"),
+    (["--threshold", "-1"], "--threshold must be 0 or more"),
+    (["--grad-clip", "-1"], "--grad-clip must be 0 or more"),
+    (["--proj-dim", "0"], "--proj-dim must be at least 1"),
+    (["--proj-hidden", "0"], "--proj-hidden must be at least 1"),
+    (["--mining", "nearest"], "argument --mining: invalid choice: 'nearest'"),
+    (["--optimizer", "lars"], "argument --optimizer: invalid choice: 'lars'"),
 ])
-def test_bad_input_gives_one_clear_message(args, message, tmp_path):
-    p = run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args], check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_bad_flag_is_one_error_line(args, message, capsys):
+    """Runs the command line in this process (as `python hnpm.py ...` would, without the start-up cost)."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(hnpm.train, hnpm.Config, [*SMALL, *HEADS, "--epochs", "1", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "error:" in lines[-1] and message in lines[-1], lines[-3:]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_too_few_images_is_one_error_line(tmp_path):
+    p = run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--fake-size", "4", "--output-dir", str(tmp_path / "r")],
+            check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: the dataset has 4 images, fewer than one global batch")

@@ -1,9 +1,14 @@
 """ReCo: losses (Eqs. 1-3, 5, 6) against hand-computed values and loop transcriptions, CutMix / mixup, Table III
-diagnostics, shuffle BN, momentum/queue updates, and the script end to end (smoke, resume, two processes equal one,
-bad input, learning on real images). Run as a script under torchrun, this file is also the 2-process check."""
+diagnostics, shuffle BN, momentum/queue updates, the order and roles of train_step, and the script end to end (smoke,
+views on the device, resume, two processes equal one, bad input). Run as a script under torchrun, this file is also
+the 2-process check of reco.train_step."""
 import contextlib
+import copy
+import json
 import math
 import os
+import random
+import re
 import sys
 
 import pytest
@@ -12,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reco
+from common import latest_checkpoint
 from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-dim", "16", "--queue-size", "16", "--bn-splits", "2"]
@@ -208,7 +214,7 @@ def test_cutmix_effective_r_is_kept_area_fraction(r, seed):
     x = torch.zeros(3, 2, 13, 17)
     x_partner = torch.ones(3, 2, 13, 17)
     x_in, xp_in = x.clone(), x_partner.clone()
-    x_mix, r_eff = reco.cutmix(x, x_partner, r, generator=g)
+    x_mix, r_eff = reco.cutmix(x, x_partner, r, g)
     kept = (x_mix == 0).sum().item() / x_mix.numel()  # fraction of pixels still from x
     assert r_eff == pytest.approx(kept, abs=1e-9)
     assert 0.0 <= r_eff <= 1.0 and r_eff >= r - 1e-9  # clipping only ever keeps more of x
@@ -221,7 +227,7 @@ def test_cutmix_pastes_partner_pixels_at_same_positions():
     g = torch.Generator().manual_seed(5)
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
     xp = -x - 1
-    x_mix, r_eff = reco.cutmix(x, xp, 0.3, generator=g)
+    x_mix, r_eff = reco.cutmix(x, xp, 0.3, g)
     from_partner = x_mix < 0
     assert torch.equal(x_mix[from_partner], xp[from_partner])
     assert torch.equal(x_mix[~from_partner], x[~from_partner])
@@ -295,7 +301,7 @@ def test_split_batchnorm_equals_batchnorm_per_chunk():
     bn = nn.BatchNorm2d(3)
     nn.init.normal_(bn.weight), nn.init.normal_(bn.bias)
     split = reco.to_split_bn(nn.Sequential(bn), 2)[0]
-    assert isinstance(split, reco.SplitBatchNorm2d) and split.num_splits == 2
+    assert isinstance(split, reco.SplitBatchNorm) and split.num_splits == 2
     x = torch.randn(8, 3, 4, 4) * 3 + 1
     ref = nn.BatchNorm2d(3)
     ref.load_state_dict(split.state_dict())
@@ -312,7 +318,7 @@ def test_momentum_state_is_frozen_split_bn_copy_and_ema_update():
     state = reco.MomentumState(online, 16, 4, splits_per_process=2, weak_bank=True)
     enc = state.momentum_encoder
     assert all(not p.requires_grad for p in enc.parameters())
-    assert any(isinstance(m, reco.SplitBatchNorm2d) for m in enc.modules())
+    assert any(isinstance(m, reco.SplitBatchNorm) for m in enc.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in enc.modules())
     src = nn.Sequential(online.backbone, online.head).state_dict()
     assert list(enc.state_dict()) == list(src) and all(torch.equal(v, src[k]) for k, v in enc.state_dict().items())
@@ -365,10 +371,12 @@ def test_shuffled_keys_groups_follow_the_shuffle():
 
 
 def test_step_randomness_is_a_function_of_seed_and_step():
-    a, b, c = (reco.step_randomness(0, s, 16, 1.0) for s in (5, 5, 6))
+    a, b, c = (reco.step_randomness(0, s, 16, 1.0, "cpu") for s in (5, 5, 6))
     for u, v in zip(a[1:4], b[1:4]):
         assert torch.equal(u, v)
     assert a[4] == b[4] and a[4] != c[4] and not torch.equal(a[3], c[3])
+    draw = [torch.randint(10**6, (1,), generator=x[0]).item() for x in (a, b, c)]  # the generator of the CutMix box
+    assert draw[0] == draw[1] != draw[2]
     assert sorted(a[3].tolist()) == list(range(16)) and 0 <= a[4] <= 1
 
 
@@ -376,13 +384,13 @@ def _tiny_setup(**kw):
     torch.manual_seed(0)
     cfg = reco.Config(proj_dim=8, bn_splits=2, **kw)
     online = reco.OnlineEncoder(cfg, cifar_stem=False)
-    state = reco.MomentumState(online, 16, 8, 2, weak_bank=cfg.global_bank == "weak")
+    state = reco.MomentumState(online, 16, 8, 2, weak_bank=cfg.lambda_global > 0 and cfg.global_bank == "weak")
     views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     return cfg, online, state, views
 
 
 def test_forward_loss_gradient_reaches_online_encoder_only():
-    cfg, online, state, views = _tiny_setup(global_bank="weak")
+    cfg, online, state, views = _tiny_setup()
     queues = (state.queue.clone(), state.queue_weak.clone())
     loss, keys, weak_keys, logs = reco.forward_loss(online, state, views, cfg, 0, OneProcess)
     assert not keys.requires_grad and not weak_keys.requires_grad
@@ -390,29 +398,31 @@ def test_forward_loss_gradient_reaches_online_encoder_only():
     assert all(p.grad is not None for p in online.parameters())
     assert all(p.grad is None for p in state.momentum_encoder.parameters())
     assert torch.equal(queues[0], state.queue) and torch.equal(queues[1], state.queue_weak)
-    expected = logs["csl"] + cfg.lambda_global * logs["global"] + cfg.lambda_local * logs["local"]
+    expected = logs["csl"] + cfg.lambda_global * logs["global_relation"] + cfg.lambda_local * logs["local_relation"]
     assert torch.allclose(loss.detach(), expected) and 0 <= logs["r"] <= 1
 
 
 def test_forward_loss_terms_match_the_pure_functions():
-    """Rebuild the step by hand from the public functions: partner j, CutMix with r_eff, k/k target (the default,
-    Deviation 3), Eq. (2)."""
+    """Rebuild the step by hand from the public functions: partner j, CutMix with r_eff, the q/k target of Eq. (5)
+    (Interpretation 1), S^o and S^t over the bank of weak keys (Interpretation 4), Eq. (2)."""
     cfg, online, state, views = _tiny_setup()
+    assert (cfg.feature_pair, cfg.image_pair, cfg.global_bank) == ("q/k", "q/k", "weak")
+    state.queue_weak.copy_(F.normalize(torch.randn(16, 8), dim=1))  # a bank that differs from the MoCo queue
     online.eval(), state.eval()  # BN on running statistics: forward passes are batch-independent
     loss, keys, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
-    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha)
+    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha, "cpu")
     x_q, x_k, x_w = views
     with torch.no_grad():
         k = F.normalize(state.momentum_encoder(x_k), dim=1)
         k_w = F.normalize(state.momentum_encoder(x_w), dim=1)
-        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, generator=g)
+        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, g)
         (q,), (v_mix,) = online(x_q), online(x_mix)
     assert torch.allclose(keys, k, atol=1e-5) and logs["r"] == r_eff
     csl = reco.infonce_loss(q, k, state.queue, cfg.tau)
-    glob = reco.global_relation_loss(q, k_w, state.queue, cfg.tau_ot, cfg.tau_tt)
-    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(k, k[partner], r_eff), state.queue, cfg.tau)
-    assert torch.allclose(logs["csl"], csl, atol=1e-5) and torch.allclose(logs["global"], glob, atol=1e-5)
-    assert torch.allclose(logs["local"], local, atol=1e-5)
+    glob = reco.global_relation_loss(q, k_w, state.queue_weak, cfg.tau_ot, cfg.tau_tt)
+    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(q, k[partner], r_eff), state.queue, cfg.tau)
+    assert torch.allclose(logs["csl"], csl, atol=1e-5) and torch.allclose(logs["global_relation"], glob, atol=1e-5)
+    assert torch.allclose(logs["local_relation"], local, atol=1e-5)
     assert torch.allclose(loss.detach(), csl + 1.0 * glob + 2.0 * local, atol=1e-5)
 
 
@@ -423,22 +433,112 @@ def test_forward_loss_feature_pairs_of_table_vii(image, pair):
     cfg, online, state, views = _tiny_setup(feature_pair=pair, image_pair=image)
     online.eval(), state.eval()
     _, _, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
-    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha)
+    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha, "cpu")
     x_q, x_k, _ = views
     with torch.no_grad():
         k = F.normalize(state.momentum_encoder(x_k), dim=1)
-        x_mix, r_eff = reco.cutmix(x_q, {"q": x_q, "k": x_k}[image[2]][partner], r, generator=g)
+        x_mix, r_eff = reco.cutmix(x_q, {"q": x_q, "k": x_k}[image[2]][partner], r, g)
         (q,), (v_mix,) = online(x_q), online(x_mix)
     feats = {"q": q, "k": k}
     target = reco.interpolated_target(feats[pair[0]], feats[pair[2]][partner], r_eff)
-    assert torch.allclose(logs["local"], reco.local_interpolation_loss(v_mix, target, state.queue, cfg.tau), atol=1e-5)
+    expected = reco.local_interpolation_loss(v_mix, target, state.queue, cfg.tau)
+    assert torch.allclose(logs["local_relation"], expected, atol=1e-5)
 
 
 def test_forward_loss_moco_baseline_has_no_relation_terms():
     cfg, online, state, views = _tiny_setup(lambda_global=0.0, lambda_local=0.0)
+    assert not hasattr(state, "queue_weak")  # no bank of Eq. (3) without L_global: MoCo-v2's state exactly
     loss, _, weak_keys, logs = reco.forward_loss(online, state, views, cfg, 0, OneProcess)
-    assert weak_keys is None and logs["global"].item() == 0 and logs["local"].item() == 0
+    assert weak_keys is None and logs["global_relation"].item() == 0 and logs["local_relation"].item() == 0
     assert torch.allclose(loss.detach(), logs["csl"])
+
+
+def _one_step(cfg, online, state, views, momentum):
+    """reco.train_step on one process, as train() calls it (SGD lr 0.1); returns its logs."""
+    from accelerate import Accelerator
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    sched = {"lr": 0.1, "ema_momentum": momentum}
+    return reco.train_step(online, state, optimizer, views, torch.arange(len(views[0])), cfg, sched, 0,
+                           Accelerator(cpu=True))
+
+
+def test_train_step_order_and_roles(monkeypatch):
+    """reco.train_step, as train() calls it: every loss sees the queue, and L_global the bank of Eq. (3), as they were
+    BEFORE this batch; the momentum encoder moves toward the updated online encoder (theta^ <- m theta^ + (1 - m)
+    theta, not the reverse); then the queue holds the momentum encoder's keys of the key views x^_i and the bank its
+    keys of the WEAK views x-_i (Interpretation 4), at the same positions, wrapping around the end."""
+    cfg, online, state, views = _tiny_setup()
+    state.queue_weak.copy_(F.normalize(torch.randn(16, 8), dim=1))  # a bank that differs from the MoCo queue
+    state.ptr.fill_(14)
+    with torch.no_grad():  # the online encoder away from its copy, so that the direction of the update shows
+        for p in online.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    online.eval(), state.eval()  # BN on running statistics: keys by hand do not depend on the batch or its shuffle
+    queue_before, bank_before = state.queue.clone(), state.queue_weak.clone()
+    encoder_before = copy.deepcopy(state.momentum_encoder)
+    x_q, x_k, x_w = views
+    with torch.no_grad():
+        k, k_w = (F.normalize(encoder_before(x), dim=1) for x in (x_k, x_w))
+        (q,) = online(x_q)
+    seen = []
+    for name in ("infonce_loss", "global_relation_loss"):  # Eq. (6) calls infonce_loss too
+        def spy(a, b, queue, *args, _real=getattr(reco, name), _name=name, **kw):
+            seen.append((_name, queue.clone()))
+            return _real(a, b, queue, *args, **kw)
+        monkeypatch.setattr(reco, name, spy)
+    logs = _one_step(cfg, online, state, views, momentum=0.5)
+    assert list(logs)[:4] == ["loss", "csl", "global_relation", "local_relation"] and 0 <= logs.pop("r") <= 1
+    assert [n for n, _ in seen] == ["infonce_loss", "global_relation_loss", "infonce_loss"]
+    for name, queue in seen:  # the queues before this batch entered them; L_global over the bank of weak keys
+        assert torch.equal(queue, bank_before if name == "global_relation_loss" else queue_before), name
+    online_after = dict(nn.Sequential(online.backbone, online.head).named_parameters())
+    for name, p in state.momentum_encoder.named_parameters():
+        before = dict(encoder_before.named_parameters())[name]
+        assert not torch.allclose(before, online_after[name], atol=1e-3), name
+        assert torch.allclose(p, 0.5 * before + 0.5 * online_after[name].detach(), atol=1e-6), name
+    rows, kept = [14, 15, 0, 1], slice(2, 14)
+    assert torch.allclose(state.queue[rows], k, atol=1e-5) and torch.allclose(state.queue_weak[rows], k_w, atol=1e-5)
+    assert torch.equal(state.queue[kept], queue_before[kept]) and torch.equal(state.queue_weak[kept], bank_before[kept])
+    assert state.ptr.item() == 2
+    # the three candidates differ, so the bank holds the weak keys and not the strong keys or the queries
+    q = F.normalize(q, dim=1)
+    assert not torch.allclose(k_w, k, atol=1e-3) and not torch.allclose(k_w, q, atol=1e-3)
+
+
+def test_global_bank_key_uses_the_moco_queue():
+    """--global-bank key: no bank of weak keys; S^o and S^t of Eq. (3) over the MoCo queue, which then receives the
+    keys of the key views."""
+    cfg, online, state, views = _tiny_setup(global_bank="key")
+    online.eval(), state.eval()
+    assert not hasattr(state, "queue_weak")
+    queue_before = state.queue.clone()
+    with torch.no_grad():
+        (q,) = online(views[0])
+        k, k_w = (F.normalize(state.momentum_encoder(x), dim=1) for x in views[1:])
+    logs = _one_step(cfg, online, state, views, momentum=0.999)
+    expected = reco.global_relation_loss(q, k_w, queue_before, cfg.tau_ot, cfg.tau_tt)
+    assert torch.allclose(logs["global_relation"], expected, atol=1e-5)
+    assert torch.allclose(state.queue[:4], k, atol=1e-5) and state.ptr.item() == 4
+
+
+def test_view_specs_read_like_the_paper():
+    """x_i and x^_i: MoCo-v2's view (Sec. III-A); x-_i: crop and flip only (Sec. III-B, Interpretation 6)."""
+    strong, key, weak = reco.view_specs(reco.Config(), 32)
+    assert strong == key and (strong.crop_scale, strong.flip_p, strong.solarize_p) == ((0.2, 1.0), 0.5, 0.0)
+    assert (strong.jitter, strong.jitter_p, strong.gray_p) == ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2)
+    assert (strong.blur_p, strong.blur_sigma, strong.blur_kernel) == (0.5, (0.1, 2.0), 0)  # 0: 2 * (size // 20) + 1
+    assert (strong.kernel_size(32), strong.kernel_size(224)) == (3, 23)
+    assert weak == reco.ViewSpec(crop_scale=(0.2, 1.0)) and weak.flip_p == 0.5
+    assert weak.jitter_p == weak.gray_p == weak.blur_p == weak.solarize_p == 0
+
+
+def test_defaults_are_the_papers():
+    """Sec. IV-A, Tables I, II, VI, VII; the warm-up is the authors' code (Interpretation 7)."""
+    cfg = reco.Config()
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs) == (256, 0.03, 0.9, 5e-4, 200)
+    assert (cfg.ema_momentum, cfg.tau, cfg.proj_dim, cfg.warmup_epochs) == (0.999, 0.2, 128, 5)
+    assert (cfg.tau_tt, cfg.tau_ot, cfg.lambda_global, cfg.lambda_local, cfg.mix_alpha) == (0.04, 0.1, 1.0, 2.0, 1.0)
+    assert (cfg.feature_pair, cfg.image_pair, cfg.global_bank, cfg.mix) == ("q/k", "q/k", "weak", "cutmix")
 
 
 # ------------------------------------------------------------------------------------------------ the script end to end
@@ -451,29 +551,40 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     metrics = read_metrics(out)
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == 6 and all(math.isfinite(m["loss"]) for m in steps)
-    assert {"csl", "global_relation", "local_relation", "r", "lr", "images_per_s"} <= set(steps[0])
-    assert all(m["global_relation"] >= 0 for m in steps)  # a KL divergence
+    assert list(steps[0])[2:6] == ["loss", "csl", "global_relation", "local_relation"]
+    assert {"lr", "ema_momentum", "r", "images_per_s"} <= set(steps[0]) and steps[0]["ema_momentum"] == 0.999
+    assert all(m["global_relation"] >= 0 and 0 <= m["r"] <= 1 for m in steps)  # a KL divergence; a ratio
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1] and 0 <= knn[-1]["knn_top1"] <= 100
     assert all(math.isfinite(knn[-1][k]) for k in ("s_intra", "s_inter", "phi")) and knn[-1]["phi"] > 0
-    assert os.path.isdir(os.path.join(out, "checkpoint-1")) and os.path.exists(os.path.join(out, "config.json"))
+    assert metrics[-1]["wall_time_s"] > 0 and metrics[-1]["peak_memory_mb"] > 0
+    assert latest_checkpoint(out).endswith("checkpoint-6") and os.path.exists(os.path.join(out, "config.json"))
     check_backbone(out, "reco", eval_linear=True)
+
+
+def test_views_on_device(tmp_path):
+    """--views-on device: the three views made in batches on the training device (here the CPU), no workers."""
+    out = str(tmp_path / "run")
+    run(["reco.py", *TINY, *HEADS, "--epochs", "1", "--eval-every", "0", "--views-on", "device", "--output-dir", out])
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 4 and all(math.isfinite(m["loss"]) for m in steps)
+    assert os.path.exists(os.path.join(out, "backbone.pt"))
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     args = ["reco.py", *TINY, *HEADS, "--fake-size", "16", "--epochs", "2", "--eval-every", "0",  # 2 steps per epoch
-            "--global-bank", "weak", "--mix", "mixup"]
+            "--mix", "mixup"]
     qa, qb = run_resumed(args, tmp_path)
     for k in ("queue", "queue_weak", "ptr"):
         assert torch.equal(qa[k], qb[k]), k
 
 
 def _ddp_step(out_dir):
-    """One ReCo step on a fixed global batch under torchrun (1 or 2 CPU processes): writes rank<r>.pt with the loss
-    terms, gradients, queues and momentum encoder, for the defaults and for Table VII's image and feature q/q. The
-    online encoder's BN is held in eval mode (per-process statistics differ by design on CPU, where SyncBatchNorm is
-    not used); the momentum encoder stays in TRAIN mode, because its shuffle BN over the global batch must not depend
-    on the number of processes."""
+    """One reco.train_step (loss, backward, SGD, momentum update, enqueue; as train() calls it) on a fixed global
+    batch under torchrun (1 or 2 CPU processes): writes rank<r>.pt with the loss terms, gradients, queues and momentum
+    encoder, for the defaults and for Table VII's image and feature q/q. The online encoder's BN is held in eval mode
+    (per-process statistics differ by design on CPU, where SyncBatchNorm is not used); the momentum encoder stays in
+    TRAIN mode, because its shuffle BN over the global batch must not depend on the number of processes."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -482,13 +593,13 @@ def _ddp_step(out_dir):
     mean = lambda t: accelerator.reduce(t.detach(), "mean")
     result = {}
     for case, kw in {"default": {}, "q/q": {"image_pair": "q/q", "feature_pair": "q/q"}}.items():
-        cfg = reco.Config(proj_dim=16, bn_splits=2, global_bank="weak", **kw)
+        cfg = reco.Config(proj_dim=16, bn_splits=2, **kw)
         set_seed(0)
         online = reco.OnlineEncoder(cfg, cifar_stem=False)
         g = torch.Generator().manual_seed(1)
         B, K = 8, 16
         views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(3)]
-        optimizer = torch.optim.SGD(online.parameters(), lr=0.1, momentum=0.9)
+        optimizer = torch.optim.SGD(online.parameters(), lr=0.1, momentum=0.9)  # train_step sets lr 0.1
         online, optimizer = accelerator.prepare(online, optimizer)
         raw = accelerator.unwrap_model(online)
         state = reco.MomentumState(raw, K, cfg.proj_dim, cfg.bn_splits // world, weak_bank=True)
@@ -498,16 +609,13 @@ def _ddp_step(out_dir):
         online.eval()
         state.train()
         local = slice(rank * B // world, (rank + 1) * B // world)
-        loss, keys, weak_keys, logs = reco.forward_loss(online, state, [v[local] for v in views], cfg, 3, accelerator)
-        accelerator.backward(loss)
+        sched = {"lr": 0.1, "ema_momentum": 0.9}
+        logs = reco.train_step(online, state, optimizer, [v[local] for v in views], torch.arange(B)[local], cfg, sched,
+                               3, accelerator)
         grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
-        optimizer.step()
-        reco.ema_update(state.momentum_encoder, torch.nn.Sequential(raw.backbone, raw.head), 0.9)
-        reco.enqueue(state.queue_weak, state.ptr, weak_keys)
-        state.ptr.copy_(reco.enqueue(state.queue, state.ptr, keys))
-        result[case] = {"loss": mean(loss), "csl": mean(logs["csl"]), "global": mean(logs["global"]),
-                        "local": mean(logs["local"]), "grads": grads, "keys": keys, "queue": state.queue,
-                        "queue_weak": state.queue_weak, "ptr": state.ptr,
+        result[case] = {"loss": mean(logs["loss"]), "csl": mean(logs["csl"]), "global": mean(logs["global_relation"]),
+                        "local": mean(logs["local_relation"]), "r": logs["r"], "grads": grads,
+                        "queue": state.queue.clone(), "queue_weak": state.queue_weak.clone(), "ptr": state.ptr.clone(),
                         "momentum_encoder": state.momentum_encoder.state_dict()}
     torch.save(result, f"{out_dir}/rank{rank}.pt")
 
@@ -523,12 +631,12 @@ def test_two_processes_equal_one(tmp_path):
         a, r0, r1 = (r[case] for r in runs)
         for k in ("loss", "csl", "global", "local"):
             assert torch.allclose(a[k], r0[k], atol=1e-5), (case, k)
-        assert a["local"] > 0 and a["global"] > 0
+        assert a["local"] > 0 and a["global"] > 0 and a["r"] == r0["r"] == r1["r"]
         for k in a["grads"]:
             assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-5), (case, k)
             assert torch.equal(r0["grads"][k], r1["grads"][k]), (case, k)
-        for r in (r0, r1):  # shuffle-BN keys, queues and momentum encoder: identical on every rank and to 1 process
-            for k in ("keys", "queue", "queue_weak"):
+        for r in (r0, r1):  # shuffle-BN keys in the queues, and the momentum encoder: identical on every rank and to 1
+            for k in ("queue", "queue_weak"):
                 assert torch.allclose(a[k], r[k], atol=1e-5), (case, k)
             assert a["ptr"].item() == r["ptr"].item() == 4
             assert all(torch.allclose(a["momentum_encoder"][k].float(), r["momentum_encoder"][k].float(), atol=1e-6)
@@ -541,6 +649,8 @@ def test_two_process_training_run(tmp_path):
     """The real loop under torchrun: runs, logs, checkpoints (bn-splits 2 = one shuffle-BN group per process)."""
     out = str(tmp_path / "ddp")
     run(["reco.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
 
 
@@ -551,23 +661,43 @@ def test_two_process_training_run(tmp_path):
     ({"bn_splits": 3}, 1, "--bn-splits 3 must divide --batch-size 8"),
     ({"bn_splits": 2}, 4, "be a multiple of the number of processes (4)"),
     ({"bn_splits": 8}, 1, "fewer than 2 images per BatchNorm group"),
+    ({"bn_splits": 0}, 1, "--bn-splits must be at least 1"),
+    ({"queue_size": 4}, 1, "--queue-size 4 must be at least --batch-size 8"),
+    ({"queue_size": -1}, 1, "--queue-size -1 must be at least"),
+    ({"proj_dim": 0}, 1, "--proj-dim must be at least 1"),
+    ({"tau": 0.0}, 1, "--tau must be positive"),
+    ({"tau_ot": -0.1}, 1, "--tau-ot must be positive"),
     ({"tau_tt": 0.0}, 1, "--tau-tt must be positive"),
     ({"mix_alpha": -1.0}, 1, "--mix-alpha must be positive"),
-    ({"lambda_local": -1.0}, 1, "must be >= 0"),
+    ({"lambda_global": -1.0}, 1, "--lambda-global must be 0 or more"),
+    ({"lambda_local": -1.0}, 1, "--lambda-local must be 0 or more"),
+    ({"ema_momentum": 1.5}, 1, "--ema-momentum must lie in [0, 1]"),
 ])
 def test_check_config_names_the_flag(changes, num_processes, message):
-    cfg = reco.Config(**{"batch_size": 8, "bn_splits": 2, **changes})
-    with pytest.raises(reco.common.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        reco.check_config(cfg, num_processes, queue_size=16)
-    reco.check_config(reco.Config(batch_size=8, bn_splits=2), 2, queue_size=16)  # fine
+    cfg = reco.Config(**{"batch_size": 8, "bn_splits": 2, "warmup_epochs": 1, **changes})
+    with pytest.raises(reco.common.UserError, match=re.escape(message)):
+        reco.check_config(cfg, num_processes)
+    reco.check_config(reco.Config(batch_size=8, bn_splits=2), 2)  # fine
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bn-splits", "3", "--queue-size", "4"], "--bn-splits 3 must divide --batch-size 8"),
-])
-def test_bad_input_gives_one_clear_message(args, message):
-    p = run(["reco.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    (["--bn-splits", "3"], "--bn-splits 3 must divide --batch-size 8"),
+    (["--bn-splits", "8"], "--bn-splits 8 leaves fewer than 2 images per BatchNorm group"),
+    (["--queue-size", "4"], "--queue-size 4 must be at least --batch-size 8"),
+    (["--proj-dim", "0"], "--proj-dim must be at least 1"),
+    (["--tau", "0"], "--tau must be positive"),
+    (["--tau-ot", "0"], "--tau-ot must be positive"),
+    (["--tau-tt", "-1"], "--tau-tt must be positive"),
+    (["--mix-alpha", "0"], "--mix-alpha must be positive"),
+    (["--lambda-global", "-1"], "--lambda-global must be 0 or more"),
+    (["--lambda-local", "-1"], "--lambda-local must be 0 or more"),
+    (["--ema-momentum", "1.5"], "--ema-momentum must lie in [0, 1]"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_is_one_error_line(args, message):
+    p = run(["reco.py", *TINY, *HEADS, "--epochs", "1", *args], check=False, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]] and message in lines[-1], lines[-3:]
 
 
 if __name__ == "__main__":

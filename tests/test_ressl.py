@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ressl
+from common import latest_checkpoint
 from conftest import TINY, check_backbone, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
@@ -192,12 +193,13 @@ def test_smoke_writes_metrics_checkpoint_backbone_and_eval_reads_it(tmp_path):
     assert {"relation", "infonce", "alpha", "lr", "images_per_s"} <= set(steps[0])
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100 and "teacher_nn_same_label" in knn[-1]
-    assert os.path.isdir(os.path.join(out, "checkpoint-2")) and os.path.exists(os.path.join(out, "config.json"))
+    assert latest_checkpoint(out).endswith("checkpoint-8") and os.path.exists(os.path.join(out, "config.json"))
     # backbone.pt loads into a plain torchvision ResNet-18 (no fc)
     check_backbone(out, "ressl", eval_linear=True)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"]], ids=["default", "shuffle_bn"])
+@pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"], ["--views-on", "device"]],
+                         ids=["default", "shuffle_bn", "device_views"])
 def test_resume_equals_uninterrupted(flags, tmp_path):
     args = ["ressl.py", *TINY, *HEADS, "--epochs", "2", "--eval-every", "0", *flags]
     qa, qb = run_resumed(args, tmp_path)
@@ -235,7 +237,7 @@ def test_two_process_training_run(flags, tmp_path):
     out = str(tmp_path / "ddp")
     run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *flags, "--output-dir", out], nproc=2)
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["num_processes"] == 2  # really distributed, 4 images per process
+        assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
 
 
@@ -252,3 +254,38 @@ def test_two_process_training_run(flags, tmp_path):
 def test_bad_input_gives_one_clear_message(args, message):
     p = run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- the script's own step
+
+def test_train_step_order_and_roles(monkeypatch):
+    """ressl.train_step, as train() calls it: the loss sees the queue as it was BEFORE the batch; the teacher moves
+    toward the updated student by Eq. (6) (teacher <- m teacher + (1 - m) student, not the reverse); the queue then
+    holds the teacher's keys of the teacher's (weak) view."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    cfg = ressl.Config(proj_hidden=32, proj_dim=16, ema_momentum=0.5)
+    torch.manual_seed(0)
+    student = ressl.Student(cfg, cifar_stem=False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    state = ressl.MomentumState(student, 16, cfg.proj_dim)
+    x_s, x_t, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.arange(4)
+    queue_before, teacher_before = state.queue.clone(), copy.deepcopy(state.teacher)
+    with torch.no_grad():
+        expected_keys = F.normalize(teacher_before(x_t), dim=1)  # the teacher's keys of ITS view
+    seen = {}
+    real = ressl.relation_loss
+
+    def spy(z_s, z_t, queue, *a, **k):
+        seen["queue"] = queue.clone()
+        return real(z_s, z_t, queue, *a, **k)
+    monkeypatch.setattr(ressl, "relation_loss", spy)
+    sched = {"lr": 0.1, "alpha": 1.0, "ema_momentum": cfg.ema_momentum}
+    ressl.train_step(student, state, optimizer, [x_s, x_t], labels, cfg, sched, 0, accelerator)
+    assert torch.equal(seen["queue"], queue_before)  # the loss saw the queue before this batch entered it
+    online = dict(nn.Sequential(student.backbone, student.projector).named_parameters())
+    for name, p in state.teacher.named_parameters():
+        before = dict(teacher_before.named_parameters())[name]
+        assert torch.allclose(p, 0.5 * before + 0.5 * online[name].detach(), atol=1e-6), name
+    assert torch.allclose(state.queue[:4], expected_keys, atol=1e-5) and torch.equal(state.queue[4:], queue_before[4:])
+    assert state.ptr.item() == 4 and torch.equal(state.queue_labels[:4], labels)

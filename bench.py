@@ -1,0 +1,154 @@
+"""Throughput of each method's data path and training step, one JSON line per method.
+
+    python bench.py --device cpu                  # minutes on a CPU: batch 32, few steps, a reduced model
+    python bench.py --device cuda                 # on a GPU: batch 256, bf16, the CIFAR-10 shapes
+    python bench.py --device cuda --methods ressl smog --data-zip cifar10-jpeg.zip
+
+Keys (samples/s unless said otherwise):
+    data_torchvision_1core  the method's views made per sample by torchvision on one CPU core (the workers path)
+    data_batched            the same views made in batches on --device (the --views-on device path)
+    model_only              the method's own train_step on views already on the device (no data loading)
+    train_step              train_step fed by the data path the script would use on --device (common.train_views)
+    train_over_model        train_step / model_only: 1.0 means the data path costs nothing
+Images are CIFAR-10's 32 px (from --data-zip, an ImageFolder zip, when given; else synthetic). Ratios are from one
+run: compare numbers of the same run only.
+"""
+import argparse
+import importlib
+import io
+import json
+import os
+import time
+import types
+import zipfile
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+import common
+
+METHODS = ["ressl", "smog", "median_triplet", "hnpm", "reco"]
+CIFAR10_MEAN_STD = common.MEAN_STD["cifar10"]
+
+
+def load_images(data_zip, n):
+    """n (PIL image, label) pairs: the first n train images of an ImageFolder zip, or synthetic ones."""
+    if not data_zip:
+        fake = common.FakeImages(n, image_size=32)
+        return [fake[i] for i in range(n)]
+    with zipfile.ZipFile(data_zip) as z:
+        names = sorted(x for x in z.namelist() if x.startswith("train/") and x.endswith((".jpg", ".png")))
+        classes = sorted({x.split("/")[1] for x in names})
+        step = max(1, len(names) // n)
+        return [(Image.open(io.BytesIO(z.read(x))).convert("RGB"), classes.index(x.split("/")[1]))
+                for x in names[::step][:n]]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n_items, device, repeat):
+    """Items per second of fn() over `repeat` calls, after one warm-up call."""
+    fn()
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return n_items * repeat / (time.perf_counter() - tic)
+
+
+def bench_method(name, images, args, accelerator):
+    m = importlib.import_module(name)
+    device, batch, size = accelerator.device, args.batch_size, 32
+    cpu_model = {} if device.type == "cuda" else {"stem": "imagenet", **CPU_HEADS.get(name, {})}
+    cfg = m.Config(dataset="fake", batch_size=batch, num_workers=args.num_workers, epochs=10, warmup_epochs=1,
+                   views_on="device" if device.type == "cuda" else "workers", seed=0, **cpu_model)
+    data = types.SimpleNamespace(pretrain=images, size=size, mean_std=CIFAR10_MEAN_STD, num_classes=10,
+                                 cifar_stem=cfg.stem != "imagenet")
+    specs = m.view_specs(cfg, size)
+    row = {"method": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+    # (a) torchvision per sample on one core
+    tfs = [common.torchvision_view(s, size, CIFAR10_MEAN_STD) for s in specs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pil = [img for img, _ in images[:args.tv_samples]]
+    row["data_torchvision_1core"] = timed(lambda: [t(img) for img in pil for t in tfs], len(pil), torch.device("cpu"), 1)
+    if device.type == "cuda":  # on the CPU the batched views are measured on the same single core
+        torch.set_num_threads(threads)
+
+    # (b) batched views on the device
+    u8 = torch.stack([pil_to_tensor(img) for img, _ in images[:batch]]).to(device)  # (B, 3, 32, 32) uint8
+    gens = [common.view_generator(0, 0, 0, v) for v in range(len(specs))]
+    row["data_batched"] = timed(lambda: [common.batched_view(s, u8, size, CIFAR10_MEAN_STD, g)
+                                         for s, g in zip(specs, gens)], batch, device, args.steps)
+
+    # (c) the training step on device-resident views
+    set_seed(0)
+    model, optimizer, state = m.setup(cfg, data, accelerator)
+    model.train()
+    views = [common.batched_view(s, u8, size, CIFAR10_MEAN_STD, g) for s, g in zip(specs, gens)]
+    labels = torch.tensor([lab for _, lab in images[:batch]], device=device)
+    counter = iter(range(10**9))
+
+    def step_on(v, y):
+        step = next(counter)
+        m.train_step(model, state, optimizer, v, y, cfg, m.schedules(cfg, step, 100), step, accelerator)
+    row["model_only"] = timed(lambda: step_on(views, labels), batch, device, args.steps)
+
+    # (d) the full step with the script's data path
+    loader = common.train_views(cfg, data, specs, accelerator)
+    loader.set_epoch(0)
+    batches = iter(loader)
+
+    def full_step():
+        nonlocal batches
+        try:
+            v, y, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            v, y, _ = next(batches)
+        step_on(v, y)
+    row["train_step"] = timed(full_step, batch, device, args.steps)
+    row["train_over_model"] = row["train_step"] / row["model_only"]
+    torch.set_num_threads(threads)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+
+
+# --device cpu times a reduced model (standard stem: 16x fewer FLOPs at 32 px; narrow heads) so that the whole
+# benchmark takes minutes on one core; --device cuda times every script at its defaults
+CPU_HEADS = {"ressl": {"proj_hidden": 512}, "smog": {"proj_hidden": 512}, "median_triplet": {"proj_hidden": 512},
+             "hnpm": {}, "reco": {}}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--batch-size", type=int, default=0, help="0: 256 on cuda, 32 on cpu")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per measurement; 0: 50 on cuda, 3 on cpu")
+    p.add_argument("--tv-samples", type=int, default=256, help="images for the torchvision measurement")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the workers path")
+    p.add_argument("--data-zip", default=os.environ.get("CIFAR10_JPEG_ZIP", ""), help="ImageFolder zip of 32-px images")
+    p.add_argument("--mixed-precision", default="", help="default: bf16 on cuda, no on cpu")
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 32)
+    args.steps = args.steps or (50 if cuda else 3)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision or ("bf16" if cuda else "no"))
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    images = load_images(args.data_zip if os.path.exists(args.data_zip) else "", max(4 * args.batch_size, 512))
+    for name in args.methods:
+        print(json.dumps(bench_method(name, images, args, accelerator)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

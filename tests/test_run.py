@@ -1,0 +1,274 @@
+"""The run plumbing every script shares (common.Run), exercised through ressl.py, the cheapest script: crash-safe
+checkpoints, preemption by signal, the non-finite-loss stop, resuming with changed settings, checkpoints that move
+between process counts, a simulated 2-node run, trackers and provenance; bad flags as a table over all scripts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, TINY, read_metrics, run
+
+HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
+RESSL = ["ressl.py", *TINY, *HEADS, "--eval-every", "0"]
+SCRIPTS = ["median_triplet.py", "smog.py", "ressl.py", "hnpm.py", "reco.py"]
+
+# runs ressl's train() with one function patched, as a user's process would run it
+PATCHED = """
+import os, sys
+sys.path.insert(0, {root!r})
+import accelerate, common, ressl
+{patch}
+common.run_main(ressl.train, ressl.Config, sys.argv[1:])
+"""
+
+
+def run_patched(patch, args, check=True):
+    code = PATCHED.format(root=ROOT, patch=patch)
+    return run(["-c", code, *args], check=check)
+
+
+def backbone(out):
+    return torch.load(os.path.join(out, "backbone.pt"))["state_dict"]
+
+
+def same_backbone(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 3-epoch run (4 steps per epoch) that the interrupted ones must end equal to."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out])
+    return out
+
+
+def test_save_interrupted_part_way_resumes_from_the_previous_checkpoint(straight, tmp_path):
+    out = str(tmp_path / "run")
+    # the second checkpoint dies after Accelerate wrote its files, before it is complete
+    die = ("orig = accelerate.Accelerator.save_state\ncalls = []\n"
+           "def save_state(self, path, *a, **k):\n    calls.append(path)\n    orig(self, path, *a, **k)\n"
+           "    if len(calls) == 2: os._exit(9)\naccelerate.Accelerator.save_state = save_state")
+    p = run_patched(die, [*RESSL[1:], "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], check=False)
+    assert p.returncode == 9
+    assert common.latest_checkpoint(out).endswith("checkpoint-4")  # the half-written one is not taken
+    assert any(d.startswith(".tmp-checkpoint-8") for d in os.listdir(out))
+    p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out, "--resume"])
+    assert "resumed from" in p.stdout and "checkpoint-4" in p.stdout
+    assert same_backbone(backbone(straight), backbone(out))
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 13))  # redone steps logged once
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_ends_where_uninterrupted_ends(straight, tmp_path):
+    out = str(tmp_path / "run")
+    # slow each step down so the signal arrives mid-run
+    slow = ("import time\norig = ressl.train_step\n"
+            "def train_step(*a, **k):\n    time.sleep(0.5)\n    return orig(*a, **k)\nressl.train_step = train_step")
+    code = PATCHED.format(root=ROOT, patch=slow)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-c", code, *RESSL[1:], "--epochs", "3", "--checkpoint-every", "1",
+                             "--output-dir", out], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for step 6 (mid epoch 2)
+        if os.path.exists(metrics) and sum(1 for m in read_metrics(out) if "loss" in m) >= 6:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "--resume" in stdout and "SIGTERM" in stderr
+    ckpt = common.latest_checkpoint(out)
+    with open(os.path.join(ckpt, "progress.json")) as f:
+        step = json.load(f)["step"]
+    assert 6 <= step < 12 and step % 4 != 0  # a mid-epoch checkpoint
+    assert not os.path.exists(os.path.join(out, "backbone.pt"))
+    p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out, "--resume"])
+    assert f"step {step}" in p.stdout
+    assert same_backbone(backbone(straight), backbone(out))
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 13))
+
+
+def test_non_finite_loss_stops_with_step_and_terms_and_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    nan = ("orig = ressl.relation_loss\ncalls = []\n"
+           "def relation_loss(*a, **k):\n    calls.append(1)\n    v = orig(*a, **k)\n"
+           "    return v * float('nan') if len(calls) == 6 else v\nressl.relation_loss = relation_loss")
+    p = run_patched(nan, [*RESSL[1:], "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite loss at step 6 (epoch 2)") and "relation nan" in line, line
+    assert common.latest_checkpoint(out).endswith("checkpoint-4")  # the last good checkpoint, untouched
+    assert not any(d.startswith(".tmp") for d in os.listdir(out))
+
+
+def test_resume_with_changed_settings_names_the_fields(tmp_path):
+    out = str(tmp_path / "run")
+    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--output-dir", out])
+    p = run([*RESSL, "--epochs", "3", "--tau-t", "0.05", "--output-dir", out, "--resume"], check=False)
+    assert p.returncode == 2 and "epochs 2 -> 3" in p.stderr and "tau_t 0.04 -> 0.05" in p.stderr
+    assert "--allow-config-change" in p.stderr and "Traceback" not in p.stderr
+    p = run([*RESSL, "--epochs", "2", "--log-every", "2", "--output-dir", out, "--resume"])  # run-only flags may change
+    assert "resumed from" in p.stdout
+
+
+def test_checkpoint_moves_between_process_counts(tmp_path):
+    """The state is process-independent: weights are saved without DDP's `module.` prefix, so a 2-process checkpoint
+    resumes on 1 process and a 1-process one on 2; each resumed run finishes every step once. (On CPU each process
+    normalises with its own BN statistics, so 1- and 2-process trajectories differ by design: what moves must be
+    the state, checked in test_two_process_checkpoint_loads_exactly.)"""
+    for first, second, name in ((2, 1, "two_then_one"), (1, 2, "one_then_two")):
+        out = str(tmp_path / name)
+        run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--output-dir", out], nproc=first)
+        p = run([*RESSL, "--epochs", "2", "--output-dir", out, "--resume"], nproc=second)
+        assert "resumed from" in p.stdout
+        assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 9))
+        assert os.path.exists(os.path.join(out, "backbone.pt"))
+
+
+def test_two_process_checkpoint_loads_exactly(tmp_path):
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    import ressl
+    out = str(tmp_path / "run")
+    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--output-dir", out], nproc=2)
+    ckpt = common.latest_checkpoint(out)
+    saved = load_file(os.path.join(ckpt, "model.safetensors"))
+    assert not any(k.startswith("module.") for k in saved)
+    cfg = ressl.Config(proj_hidden=32, proj_dim=16, queue_size=16, output_dir=out, resume=True, epochs=2,
+                       allow_config_change=True)  # only the state matters here
+    accelerator = Accelerator(cpu=True)
+    student = ressl.Student(cfg, cifar_stem=False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    state = ressl.MomentumState(student, 16, 16)
+    accelerator.register_for_checkpointing(state)
+    r = common.Run(cfg, "ressl", accelerator, data=None)
+    assert r.resume(steps_per_epoch=4) == (1, 0)
+    assert all(torch.equal(v, saved[k]) for k, v in student.state_dict().items())
+    written = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
+    assert torch.equal(state.queue, written["queue"])
+
+
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two torchrun launches (one process each) with a rendezvous on 127.0.0.1 give the 1-process step."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run(["tests/ddp_check.py", str(one)])
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ROOT}
+    port = str(29700 + os.getpid() % 200)
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", port,
+                               "tests/ddp_check.py", str(two)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+    case = "global_bn"
+    assert torch.allclose(a[case]["loss"], r0[case]["loss"], atol=1e-6)
+    for k in a[case]["grads"]:
+        assert torch.allclose(a[case]["grads"][k], r0[case]["grads"][k], atol=1e-6), k
+        assert torch.equal(r0[case]["grads"][k], r1[case]["grads"][k]), k
+    assert torch.allclose(a[case]["queue"], r1[case]["queue"], atol=1e-6)
+
+
+def test_config_json_has_provenance_and_metrics_end_with_wall_time(tmp_path):
+    out = str(tmp_path / "run")
+    run([*RESSL, "--epochs", "1", "--output-dir", out])
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    prov = config["provenance"]
+    assert config["method"] == "ressl" and config["tau_t"] == 0.04
+    assert {"git_commit", "git_dirty", "python", "torch", "torchvision", "accelerate", "device_name", "device_count",
+            "num_processes", "mixed_precision"} <= set(prov)
+    assert prov["num_processes"] == 1 and prov["torch"] == torch.__version__
+    last = read_metrics(out)[-1]
+    assert last["wall_time_s"] > 0 and last["peak_memory_mb"] > 0
+
+
+def test_tensorboard_gets_the_metrics_of_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tracker test needs tensorboard (installed by .ci/run)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "run")
+    run([*RESSL, "--epochs", "1", "--eval-every", "1", "--report-to", "tensorboard", "--output-dir", out])
+    events = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if "tfevents" in f]
+    assert events
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    logged = {(m["step"], k): v for m in read_metrics(out) if "step" in m for k, v in m.items()
+              if k not in ("step", "epoch") and isinstance(v, float)}
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "relation", "lr", "knn_top1"} <= set(tags)
+    for tag in ("loss", "relation", "knn_top1"):
+        for e in acc.Scalars(tag):
+            assert e.value == pytest.approx(logged[(e.step, tag)], rel=1e-4, abs=1e-5)
+
+
+def test_missing_tracker_package_is_one_line(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    p = run([*RESSL, "--epochs", "1", "--report-to", "wandb", "--output-dir", str(tmp_path / "r")], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --report-to wandb needs the wandb package: pip install wandb"]
+
+
+# ----------------------------------------------------------------------------- bad flags, every script
+
+GENERIC_BAD = [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--momentum", "1.5"], "--momentum must lie in [0, 1]"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+    (["--warmup-epochs", "5", "--epochs", "2"], "--warmup-epochs 5 exceeds --epochs 2"),
+    (["--stop-after-epochs", "3", "--epochs", "2"], "--stop-after-epochs 3 exceeds --epochs 2"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--knn-t", "0"], "--knn-t must be positive"),
+    (["--knn-k", "0"], "--knn-k must be at least 1"),
+    (["--fake-size", "0"], "--fake-size must be at least 1"),
+]
+
+
+def cli_error(script, argv, capsys):
+    """Runs a script's command line in this process (as `python script argv` would, without the start-up cost) and
+    returns its exit code and stderr lines."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        common.run_main(module.train, module.Config, argv)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args, message", GENERIC_BAD, ids=[" ".join(a) for a, _ in GENERIC_BAD])
+def test_bad_generic_flag_is_one_error_line(script, args, message, capsys):
+    code, lines = cli_error(script, [*TINY, "--epochs", "2", *args], capsys)
+    assert code == 2 and lines and lines[-1].startswith("error:") and message in lines[-1], lines[-3:]
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_flag_on_the_real_command_line(script):
+    p = run([script, *TINY, "--epochs", "2", "--lr", "-1"], check=False, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: --lr must be positive, got -1.0."
+
+
+def test_batch_size_must_divide_over_processes():
+    p = run([*RESSL, "--epochs", "1", "--batch-size", "7", "--queue-size", "16"], nproc=2, check=False)
+    # torchrun itself exits with 1 when its processes exit with 2
+    assert p.returncode != 0 and "error: --batch-size 7 must divide evenly over 2 processes" in p.stderr
+    assert "Traceback" not in p.stderr.split("error: --batch-size")[0]
