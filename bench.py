@@ -83,11 +83,12 @@ def bench_method(name, images, args, accelerator):
     if device.type == "cuda":  # on the CPU the batched views are measured on the same single core
         torch.set_num_threads(threads)
 
-    # (b) batched views on the device
-    u8 = torch.stack([pil_to_tensor(img) for img, _ in images[:batch]]).to(device)  # (B, 3, 32, 32) uint8
+    # (b) batched views on the device, at the default global batch whatever the model's batch here
+    u8 = torch.stack([pil_to_tensor(img) for img, _ in images[:args.data_batch]]).to(device)  # (N, 3, 32, 32) uint8
     gens = [common.view_generator(0, 0, 0, v) for v in range(len(specs))]
     row["data_batched"] = timed(lambda: [common.batched_view(s, u8, size, CIFAR10_MEAN_STD, g)
-                                         for s, g in zip(specs, gens)], batch, device, args.steps)
+                                         for s, g in zip(specs, gens)], len(u8), device, max(args.steps, 3))
+    u8 = u8[:batch]
 
     # (c) the training step on device-resident views
     set_seed(0)
@@ -134,6 +135,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=0, help="0: 256 on cuda, 32 on cpu")
     p.add_argument("--steps", type=int, default=0, help="timed steps per measurement; 0: 50 on cuda, 3 on cpu")
     p.add_argument("--tv-samples", type=int, default=256, help="images for the torchvision measurement")
+    p.add_argument("--data-batch", type=int, default=256, help="batch of the batched-views measurement")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the workers path")
     p.add_argument("--data-zip", default=os.environ.get("CIFAR10_JPEG_ZIP", ""), help="ImageFolder zip of 32-px images")
     p.add_argument("--mixed-precision", default="", help="default: bf16 on cuda, no on cpu")
@@ -145,7 +147,8 @@ def main():
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    images = load_images(args.data_zip if os.path.exists(args.data_zip) else "", max(4 * args.batch_size, 512))
+    images = load_images(args.data_zip if os.path.exists(args.data_zip) else "",
+                         max(4 * args.batch_size, args.data_batch, args.tv_samples, 512))
     for name in args.methods:
         print(json.dumps(bench_method(name, images, args, accelerator)), flush=True)
 
