@@ -79,7 +79,7 @@ def test_one_epoch_trains_without_collapse(script, cifar_subset, tmp_path):
 
 
 # The slow runs: flags, and the gain over the random-init line they must reach. Each margin sits 2 points or more
-# below the measured gain (README, "Measured on CPU"; seed 0, two runs sharing the 2 cores).
+# below the measured gain (docs/cpu-runs.md; seed 0, two runs sharing the 2 cores).
 LONG = {
     # measured: 26.5 -> 33.8 (+7.3) at epoch 100, 2634 s
     "ressl.py": (["--epochs", "100", "--warmup-epochs", "5", "--infonce-warmup-epochs", "10", "--eval-every", "10"],
