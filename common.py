@@ -864,6 +864,13 @@ def make_accelerator(cfg):
     return accelerator
 
 
+def fast_model(model, cfg, accelerator):
+    """Channels-last memory on CUDA (faster convolutions under bf16 / TF32) and, with --compile, torch.compile."""
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
+
+
 def load_data(cfg, accelerator, size=None):
     """Datasets of the run -> namespace(pretrain, memory, query, num_classes, size, mean_std, cifar_stem).
 
@@ -1165,16 +1172,7 @@ def train_views(cfg, data, specs, accelerator):
     if mode == "auto":
         mode = "device" if accelerator.device.type == "cuda" and DeviceViews.fits(
             len(data.pretrain), (data.size, data.size), accelerator.device, DEVICE_BUDGET_BYTES) else "workers"
-    require(len(data.pretrain) >= cfg.batch_size, f"the dataset has {len(data.pretrain)} images, fewer than one "
-            f"global batch (--batch-size {cfg.batch_size}): lower --batch-size.")
     if mode == "device":
         return DeviceViews(data.pretrain, specs, data.size, data.mean_std, cfg.batch_size, accelerator.num_processes,
                            accelerator.process_index, accelerator.device, seed=cfg.seed)
     return WorkerViews(data.pretrain, [torchvision_view(s, data.size, data.mean_std) for s in specs], cfg, accelerator)
-
-
-def fast_model(model, cfg, accelerator):
-    """Channels-last memory on CUDA (faster convolutions under bf16 / TF32) and, with --compile, torch.compile."""
-    if accelerator.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model

@@ -36,6 +36,17 @@ def run(args, nproc=1, check=True, timeout=600):
     return p
 
 
+def cli_error(script, argv, capsys):
+    """Runs a script's command line in this process (as `python script argv` would, without the start-up cost) and
+    returns its exit code and stderr lines."""
+    import importlib
+    import common
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        common.run_main(module.train, module.Config, argv)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import common
 import hnpm
-from conftest import TINY, check_backbone, read_metrics, run, run_resumed
+from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 SMALL = list(TINY)
@@ -450,10 +450,8 @@ def test_two_process_training_run(tmp_path):
 ])
 def test_bad_flag_is_one_error_line(args, message, capsys):
     """Runs the command line in this process (as `python hnpm.py ...` would, without the start-up cost)."""
-    with pytest.raises(SystemExit) as e:
-        common.run_main(hnpm.train, hnpm.Config, [*SMALL, *HEADS, "--epochs", "1", *args])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "error:" in lines[-1] and message in lines[-1], lines[-3:]
+    code, lines = cli_error("hnpm.py", [*SMALL, *HEADS, "--epochs", "1", *args], capsys)
+    assert code == 2 and "error:" in lines[-1] and message in lines[-1], lines[-3:]
     assert not any("Traceback" in line for line in lines)
 
 

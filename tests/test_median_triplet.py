@@ -17,7 +17,7 @@ from torchvision.transforms import v2 as T
 import common
 import median_triplet as mt
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, read_metrics, run, run_resumed
+from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 
@@ -530,8 +530,6 @@ BAD = [
 def test_bad_flag_is_one_error_line(args, message, capsys):
     """Each method flag's domain: exit code 2, one `error:` line naming the flag, no traceback (the command line run
     in this process, as `python median_triplet.py ...` would run it)."""
-    with pytest.raises(SystemExit) as e:
-        common.run_main(mt.train, mt.Config, [*TINY, *HEADS, "--epochs", "1", *args])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    code, lines = cli_error("median_triplet.py", [*TINY, *HEADS, "--epochs", "1", *args], capsys)
+    assert code == 2 and [line for line in lines if line.startswith("error:")] == [lines[-1]]
     assert message in lines[-1] and not any("Traceback" in line for line in lines), lines[-3:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, read_metrics, run
+from conftest import ROOT, TINY, cli_error, read_metrics, run
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
 RESSL = ["ressl.py", *TINY, *HEADS, "--eval-every", "0"]
@@ -240,16 +240,6 @@ GENERIC_BAD = [
     (["--knn-k", "0"], "--knn-k must be at least 1"),
     (["--fake-size", "0"], "--fake-size must be at least 1"),
 ]
-
-
-def cli_error(script, argv, capsys):
-    """Runs a script's command line in this process (as `python script argv` would, without the start-up cost) and
-    returns its exit code and stderr lines."""
-    import importlib
-    module = importlib.import_module(script[:-3])
-    with pytest.raises(SystemExit) as e:
-        common.run_main(module.train, module.Config, argv)
-    return e.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
