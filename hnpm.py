@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torchvision
@@ -224,15 +225,15 @@ def ema_update(student, teacher, tau):
     torch._foreach_copy_(list(student.buffers()), list(teacher.buffers()))
 
 
-def gather_with_grad(x, num_processes):
-    """All-gather (B_local, D) -> (B_global, D) that keeps the autograd graph (accelerator.gather has none).
+def gather_with_grad(x):
+    """All-gather (B, D) -> (N, D) that keeps the autograd graph (accelerator.gather has none).
 
     Every process then computes the same global loss; the backward of the gather sums the gradient of the
     local rows over processes (x world size), which DDP's gradient averaging divides out again.
     """
-    if num_processes == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
 
 
 def average_student_grads(student, accelerator):
@@ -274,8 +275,8 @@ def forward_loss(teacher, student, views, labels, cfg, step, accelerator):
     with torch.set_grad_enabled(cfg.student_grad), accelerator.autocast():
         u_s = student(x_s)  # (b, D)
     # Interpretation 4: mine over the global batch; the teacher rows used as negatives carry gradient
-    u_t = gather_with_grad(u_t, accelerator.num_processes)  # (B, D)
-    u_s = gather_with_grad(u_s, accelerator.num_processes) if cfg.student_grad else accelerator.gather(u_s.detach())
+    u_t = gather_with_grad(u_t)  # (B, D)
+    u_s = gather_with_grad(u_s) if cfg.student_grad else accelerator.gather(u_s.detach())
     loss, parts = hnpm_loss(u_t, u_s, cfg.alpha1, cfg.alpha2, cfg.threshold, mining=cfg.mining,
                             student_grad=cfg.student_grad, return_parts=True)
     with torch.no_grad():
@@ -354,12 +355,12 @@ def train(cfg: Config):
     check_config(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     data = common.load_data(cfg, accelerator)
-    run = common.Run(cfg, "hnpm", accelerator, data)
     loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    run = common.Run(cfg, "hnpm", accelerator, data, steps_per_epoch=len(loader))
     teacher, optimizer, student = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(teacher).backbone  # Interpretation 10: the teacher is evaluated and saved
 
-    start_epoch, done = run.resume(len(loader))
+    start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, {})  # the random-init baseline
@@ -371,8 +372,11 @@ def train(cfg: Config):
             logs = train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator)
             diag += logs.pop("diag")
             step += 1
-            run.after_step(step, epoch, logs, **sched)
+            if run.after_step(step, epoch, logs, **sched):
+                break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(diag))
+        if run.stop_reason:
+            break
     return run.finish(backbone, {})
 
 

@@ -328,12 +328,12 @@ def train(cfg: Config):
     check_config(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     data = common.load_data(cfg, accelerator)
-    run = common.Run(cfg, "median_triplet", accelerator, data)
     loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    run = common.Run(cfg, "median_triplet", accelerator, data, steps_per_epoch=len(loader))
     online, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(online).backbone
 
-    start_epoch, done = run.resume(len(loader))
+    start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, {})  # the random-init baseline
@@ -347,10 +347,13 @@ def train(cfg: Config):
             table5 += logs.pop("table5")
             erank += logs.pop("erank")
             step += 1
-            run.after_step(step, epoch, logs, **sched)
+            if run.after_step(step, epoch, logs, **sched):
+                break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         # Table 5 every epoch, not only with kNN: epoch 1 stands for the paper's "epoch 0" column
         run.log(epoch=epoch + 1, step=step, **epoch_diagnostics(table5, erank))
         run.end_epoch(epoch + 1, step, backbone, lambda: {})
+        if run.stop_reason:
+            break
     return run.finish(backbone, {})
 
 

@@ -285,22 +285,23 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
 
 
 def step_randomness(seed, step, global_batch, alpha, device):
-    """The step's draws, the same on every process and device (Interpretation 3) -> (generator, shuffle_k, shuffle_w,
+    """The step's draws, the same on every process (Interpretation 3) -> (generator, shuffle_k, shuffle_w,
     partner, r): the shuffle-BN permutations of the key and weak views and the partners j = randperm(N_b), drawn on
-    the host and copied to `device` without blocking; r ~ Beta(a, a); the generator then draws the CutMix box."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    shuffle_k, shuffle_w, partner = (torch.randperm(global_batch, generator=g).to(device, non_blocking=True)
+    `device` (no host-to-device copy); r ~ Beta(a, a) and the CutMix box from host generators (Python numbers)."""
+    on_device = common.generator(seed, "step", step, device=device)
+    shuffle_k, shuffle_w, partner = (torch.randperm(global_batch, generator=on_device, device=device)
                                      for _ in range(3))
-    return g, shuffle_k, shuffle_w, partner, random.Random(seed * 1_000_003 + step).betavariate(alpha, alpha)
+    r = random.Random(common.seed_for(seed, "mix-ratio", step)).betavariate(alpha, alpha)
+    return common.generator(seed, "cutmix-box", step), shuffle_k, shuffle_w, partner, r
 
 
 @torch.no_grad()
-def shuffled_keys(encoder, x_all, shuffle, accelerator):
-    """Shuffle BN (Deviation 1): the global batch x_all (N, ...) in the order `shuffle`; this process encodes its
-    1/world share (in the encoder's BN splits); keys of all processes are gathered and put back in order -> (N, D)."""
+def shuffle_bn(encoder, x_all, shuffle, accelerator):
+    """Shuffle BN (Deviation 1): the global batch x_all (N, ...) in the order `shuffle` (a permutation of N, the same
+    on every process); this process encodes its 1/world share in its BN groups; the outputs of all processes are
+    gathered and put back in order -> (N, D). The result does not depend on the number of processes."""
     share = rearrange(shuffle, "(w n) -> w n", w=accelerator.num_processes)[accelerator.process_index]
-    k = F.normalize(encoder(x_all[share]).float(), dim=1)  # (N / world, D)
-    return accelerator.gather(k)[torch.argsort(shuffle)]  # (N, D), original order
+    return accelerator.gather(encoder(x_all[share]).contiguous())[torch.argsort(shuffle)]
 
 
 # ----------------------------------------------------------------------------- Training
@@ -336,11 +337,11 @@ def forward_loss(online, state, views, cfg, step, accelerator):
                                                           cfg.mix_alpha, x_q.device)
     x_k_all = accelerator.gather(x_k.contiguous())  # (N, C, H, W): for shuffle BN and as CutMix partners
     with torch.no_grad(), accelerator.autocast():
-        k_all = shuffled_keys(state.momentum_encoder, x_k_all, shuffle_k, accelerator)  # v^ (N, D)
+        k_all = F.normalize(shuffle_bn(state.momentum_encoder, x_k_all, shuffle_k, accelerator).float(), dim=1)  # v^
         k_weak_all = None
         if cfg.lambda_global > 0:
-            k_weak_all = shuffled_keys(state.momentum_encoder, accelerator.gather(x_w.contiguous()), shuffle_w,
-                                       accelerator)  # v- (N, D)
+            k_weak_all = F.normalize(shuffle_bn(state.momentum_encoder, accelerator.gather(x_w.contiguous()),
+                                                shuffle_w, accelerator).float(), dim=1)  # v- (N, D)
     if cfg.lambda_local > 0:
         j = partner[mine]  # partner of each of my samples, an index into the global batch
         # Eq. (4) (Interpretation 1: image q/k; q/q mixes x_i with the partner's query view)
@@ -421,15 +422,15 @@ def train(cfg: Config):
     check_config(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     data = common.load_data(cfg, accelerator)
-    run = common.Run(cfg, "reco", accelerator, data)
     loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    run = common.Run(cfg, "reco", accelerator, data, steps_per_epoch=len(loader))
     online, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(online).backbone
     query_loader = accelerator.prepare(common.make_loader(  # Table III's features: the test split
         common.Transformed(data.query, common.eval_transform(data.size, data.mean_std)), cfg.batch_size,
         accelerator.num_processes, False, cfg.num_workers))
 
-    start_epoch, done = run.resume(len(loader))
+    start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, epoch_diagnostics(backbone, query_loader, accelerator))  # the random-init baseline
@@ -441,8 +442,11 @@ def train(cfg: Config):
             logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
             r = logs.pop("r")  # the step's interpolation ratio, drawn on the host
             step += 1
-            run.after_step(step, epoch, logs, **sched, r=r)
+            if run.after_step(step, epoch, logs, **sched, r=r):
+                break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(backbone, query_loader, accelerator))
+        if run.stop_reason:
+            break
     return run.finish(backbone, {})
 
 

@@ -234,17 +234,12 @@ def teacher_bn_splits(cfg):
 
 
 @torch.no_grad()
-def shuffled_teacher(teacher, x_t, seed, step, accelerator):
-    """Shuffle BN (Sec. 4, no predictor): the global batch in a random order drawn from (seed, step), the same on
-    every process; this process encodes its 1/world share in its BN groups; outputs are gathered, put back in order,
-    and this process's rows returned (B, D). The result does not depend on the number of processes."""
-    x_all = accelerator.gather(x_t.contiguous())  # (N, C, H, W)
-    shuffle = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+def shuffle_bn(encoder, x_all, shuffle, accelerator):
+    """Shuffle BN (Sec. 4, no predictor): the global batch x_all (N, ...) in the order `shuffle` (a permutation of N,
+    the same on every process); this process encodes its 1/world share in its BN groups; the outputs of all processes
+    are gathered and put back in order -> (N, D). The result does not depend on the number of processes."""
     share = rearrange(shuffle, "(w n) -> w n", w=accelerator.num_processes)[accelerator.process_index]
-    z_all = accelerator.gather(teacher(x_all[share.to(x_all.device)]).contiguous())
-    z_all = z_all[torch.argsort(shuffle).to(z_all.device)]  # original order
-    rank, b = accelerator.process_index, len(x_t)
-    return z_all[rank * b:(rank + 1) * b]
+    return accelerator.gather(encoder(x_all[share]).contiguous())[torch.argsort(shuffle)]
 
 
 # ----------------------------------------------------------------------------- Training
@@ -276,7 +271,12 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
     p = student(x_s)  # (B, D)
     with torch.no_grad(), accelerator.autocast():
         if teacher_bn_splits(cfg) > 1:
-            z_t = shuffled_teacher(state.teacher, x_t, cfg.seed, step, accelerator)  # (B, D)
+            x_all = accelerator.gather(x_t.contiguous())  # (N, C, H, W)
+            # drawn on the device: no host-to-device copy in the step
+            shuffle = torch.randperm(len(x_all), device=x_all.device,
+                                     generator=common.generator(cfg.seed, "shuffle-bn", step, device=x_all.device))
+            rank, b = accelerator.process_index, len(x_t)
+            z_t = shuffle_bn(state.teacher, x_all, shuffle, accelerator)[rank * b:(rank + 1) * b]  # (B, D)
         else:
             z_t = state.teacher(x_t)  # (B, D), global BN
     rel = relation_loss(p, z_t, state.queue, cfg.tau_s, cfg.tau_t)
@@ -342,12 +342,12 @@ def train(cfg: Config):
     set_seed(cfg.seed)
     # Sec. 4: medium data sets are resized to 64 px
     data = common.load_data(cfg, accelerator, size=64 if cfg.dataset in ("stl10", "tiny-imagenet") else None)
-    run = common.Run(cfg, "ressl", accelerator, data)
     loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    run = common.Run(cfg, "ressl", accelerator, data, steps_per_epoch=len(loader))
     student, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(student).backbone
 
-    start_epoch, done = run.resume(len(loader))
+    start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
     if step == 0 and cfg.eval_every:
@@ -360,8 +360,11 @@ def train(cfg: Config):
             logs = train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
             nn_match += logs.pop("nn_match")
             step += 1
-            run.after_step(step, epoch, logs, **sched)
+            if run.after_step(step, epoch, logs, **sched):
+                break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(nn_match, accelerator))
+        if run.stop_reason:
+            break
     return run.finish(backbone, {})
 
 

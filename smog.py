@@ -232,13 +232,19 @@ def spherical_kmeans(x, k, iters=10, generator=None, chunk=8192):
 def kmeans_groups(x, cfg, step):
     """Groups and their sizes by spherical k-means of x (Interpretations 4 and 6), seeded by (seed, step) and
     broadcast from process 0: the float atomics of a GPU k-means can differ in the last bits between processes."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    g = common.generator(cfg.seed, "kmeans", step)
     return broadcast(spherical_kmeans(x, cfg.num_groups, cfg.kmeans_iters, generator=g), from_process=0)
 
 
 def gather_with_grad(x):
-    """All-gather (B, D) -> (N, D) that keeps the autograd graph; the gradient flows back to each process's rows."""
-    return torch.cat(dist_nn.all_gather(x.contiguous())) if world_size() > 1 else x
+    """All-gather (B, D) -> (N, D) that keeps the autograd graph (accelerator.gather has none).
+
+    Every process then computes the same global loss; the backward of the gather sums the gradient of the
+    local rows over processes (x world size), which DDP's gradient averaging divides out again.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
 
 
 def group_step(groups, z, assign, rule, beta, seen, seed):
@@ -325,7 +331,7 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     assign = assign_groups(z_a, groups)  # (B,) c_i^a, the groups the online features update
     # Eq. (4), second line: synchronous update; gradient flows from the new groups to z_a (and to other processes)
     new_groups, counts = group_step(groups, z_a, assign, cfg.group_update, beta, state.seen,
-                                    cfg.seed * 1_000_003 + step)
+                                    common.seed_for(cfg.seed, "random-groups", step))
     # Eq. (3) against the updated groups; --detach-groups cuts the path through them
     loss = smog_loss(p_a, new_groups.detach() if cfg.detach_groups else new_groups, target, cfg.tau)
     with torch.no_grad():  # Interpretation 10; STL-10's unlabelled images (label -1) are not counted
@@ -400,8 +406,8 @@ def train(cfg: Config):
     check_config(cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     data = common.load_data(cfg, accelerator)
-    run = common.Run(cfg, "smog", accelerator, data)
     loader = common.train_views(cfg, data, view_specs(cfg, data.size), accelerator)
+    run = common.Run(cfg, "smog", accelerator, data, steps_per_epoch=len(loader))
     online, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(online).backbone
 
@@ -409,7 +415,7 @@ def train(cfg: Config):
         return (torch.zeros(cfg.num_groups, data.num_classes, device=accelerator.device),
                 torch.zeros(2, dtype=torch.long, device=accelerator.device))
 
-    start_epoch, done = run.resume(len(loader))
+    start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, epoch_diagnostics(*zeros(), accelerator))  # the random-init baseline
@@ -422,8 +428,11 @@ def train(cfg: Config):
             class_counts += logs.pop("class_counts")
             same_group += logs.pop("same_group")
             step += 1
-            run.after_step(step, epoch, logs, **sched)
+            if run.after_step(step, epoch, logs, **sched):
+                break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(class_counts, same_group, accelerator))
+        if run.stop_reason:
+            break
     return run.finish(backbone, {})
 
 

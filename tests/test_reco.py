@@ -358,11 +358,11 @@ class OneProcess:
         return contextlib.nullcontext()
 
 
-def test_shuffled_keys_groups_follow_the_shuffle():
+def test_shuffle_bn_groups_follow_the_shuffle():
     enc = reco.to_split_bn(nn.Sequential(nn.BatchNorm2d(2), nn.Flatten()), 2).train()
     x = torch.randn(6, 2, 1, 1) * torch.tensor([1.0, 5.0]).view(1, 2, 1, 1)
     shuffle = torch.tensor([4, 0, 2, 5, 1, 3])
-    keys = reco.shuffled_keys(enc, x, shuffle, OneProcess)
+    keys = F.normalize(reco.shuffle_bn(enc, x, shuffle, OneProcess), dim=1)
     bn = nn.BatchNorm2d(2)
     expected = torch.zeros(6, 2)
     for group in (shuffle[:3], shuffle[3:]):  # BN statistics of each group of the shuffled batch

@@ -2,6 +2,7 @@
 checkpoints, preemption by signal, the non-finite-loss stop, resuming with changed settings, checkpoints that move
 between process counts, a simulated 2-node run, trackers and provenance; bad flags as a table over all scripts."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -150,8 +151,8 @@ def test_two_process_checkpoint_loads_exactly(tmp_path):
     student, optimizer = accelerator.prepare(student, optimizer)
     state = ressl.MomentumState(student, 16, 16)
     accelerator.register_for_checkpointing(state)
-    r = common.Run(cfg, "ressl", accelerator, data=None)
-    assert r.resume(steps_per_epoch=4) == (1, 0)
+    r = common.Run(cfg, "ressl", accelerator, data=None, steps_per_epoch=4)
+    assert r.resume() == (1, 0)
     assert all(torch.equal(v, saved[k]) for k, v in student.state_dict().items())
     written = torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"), weights_only=False)
     assert torch.equal(state.queue, written["queue"])
@@ -262,3 +263,41 @@ def test_batch_size_must_divide_over_processes():
     # torchrun itself exits with 1 when its processes exit with 2
     assert p.returncode != 0 and "error: --batch-size 7 must divide evenly over 2 processes" in p.stderr
     assert "Traceback" not in p.stderr.split("error: --batch-size")[0]
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+
+def test_knn_predict_hand_computed():
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    labels = torch.tensor([0, 1, 1])
+    scores = common.knn_predict(memory, labels, torch.tensor([[2.0, 0.0]]), num_classes=2, k=2, t=0.1)
+    # the 2 nearest are item 0 (cos 1, class 0) and item 2 (cos 0.9/sqrt(0.82), class 1)
+    expected = [math.exp(1 / 0.1), math.exp(0.9 / math.sqrt(0.82) / 0.1)]
+    assert scores[0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_knn_of_a_collapsed_encoder_is_chance():
+    """The floor of tests/test_learning.py rests on this: identical features predict one class for every query, so
+    on balanced classes top-1 is 1 / C (10 % on CIFAR-10)."""
+    labels = torch.arange(10).repeat(20)  # 200 memory items, balanced
+    pred = common.knn_predict(torch.ones(200, 8), labels, torch.ones(100, 8), num_classes=10, k=50).argmax(1)
+    accuracy = (pred == torch.arange(10).repeat(10)).float().mean().item()
+    assert len(set(pred.tolist())) == 1 and accuracy == pytest.approx(0.1)
+
+
+def test_effective_rank_hand_computed():
+    # singular values (2, 1) after centring: p = (2/3, 1/3), exp(entropy) = exp(-(2/3 ln 2/3 + 1/3 ln 1/3)) = 1.8899
+    x = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]) / math.sqrt(2)
+    assert common.effective_rank(x).item() == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))),
+                                                     rel=1e-5)
+    two_clusters = torch.tensor([[1.0, 2.0, 3.0]] * 5 + [[-1.0, 0.0, 1.0]] * 5)
+    assert common.effective_rank(two_clusters).item() == pytest.approx(1.0, abs=1e-4)  # all on one line after centring
+    assert common.effective_rank(torch.eye(4).repeat(3, 1)).item() == pytest.approx(3.0, rel=1e-4)  # 4 clusters -> 3
+    assert common.effective_rank(torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))).item() > 7.9
+
+
+def test_effective_rank_of_non_finite_input_is_nan_not_an_error():
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    assert math.isnan(common.effective_rank(x).item())
+    assert math.isfinite(common.effective_rank(torch.randn(8, 4)).item())

@@ -356,7 +356,7 @@ def test_periodic_reset_does_what_it_says(kmeans_reset, encoder_reset):
     smog.periodic_reset(state, online_view, cfg, step=300)
     if kmeans_reset:
         expect, counts = smog.spherical_kmeans(state.cache, 3, cfg.kmeans_iters,
-                                               generator=torch.Generator().manual_seed(5 * 1_000_003 + 300))
+                                               generator=common.generator(5, "kmeans", 300))
         assert torch.equal(state.groups, expect) and torch.equal(state.seen, counts)
         assert sorted(state.groups.argmax(1).tolist()) == [0, 1, 2]  # one group per cluster of cached features
     else:
@@ -530,7 +530,7 @@ def test_train_step_resets_at_the_period():
             p.add_(1.0)
     state.cache.copy_(torch.randn(8, 16))
     kmeans, _ = smog.spherical_kmeans(state.cache, 4, cfg.kmeans_iters,
-                                      generator=torch.Generator().manual_seed(1 * 1_000_003 + 2))
+                                      generator=common.generator(1, "kmeans", 2))
     view = nn.Sequential(online.backbone, online.projector)
     online_before = copy.deepcopy(view)
     x, sched = torch.randn(4, 3, 32, 32), {"lr": 0.1, "beta": 1.0, "ema_momentum": 1.0}

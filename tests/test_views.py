@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from common import UserError
 from common import (DeviceViews, MultiView, ViewSpec, apply_view, batched_view, sample_view_params,
                           torchvision_view, view_generator)
-from common import _adjust_hue, _blend_op, _color_jitter, _crop_resize_flip, _gaussian_blur, _grayscale
+from common.views import _adjust_hue, _blend_op, _color_jitter, _crop_resize_flip, _gaussian_blur, _grayscale
 
 MEAN_STD = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 BYOL = ViewSpec(crop_scale=(0.08, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
