@@ -99,3 +99,36 @@ def cifar_subset(tmp_path_factory):
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(z.read(name))
     return str(root)
+
+
+def two_process_results(method, tmp_path, *args):
+    """Runs tests/ddp_step.py (ddp_case of tests/test_<method>.py) on 1 and on 2 gloo processes on the same global
+    batch -> (result of the single process, [result of rank 0, result of rank 1])."""
+    tag = "-".join([method, *args]).replace("/", "_")
+    one, two = tmp_path / f"{tag}-one", tmp_path / f"{tag}-two"
+    run(["tests/ddp_step.py", method, str(one), *args])
+    run(["tests/ddp_step.py", method, str(two), *args], nproc=2)
+    load = lambda d, r: torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
+    return load(one, 0), [load(two, 0), load(two, 1)]
+
+
+def grads_before_clipping(model):
+    """Context manager: records {name: grad.clone()} of `model` just before the first gradient clipping call
+    (torch.nn.utils.clip_grad_norm_, which accelerator.clip_grad_norm_ calls), so a two-process check compares the raw gradients,
+    scale included, and not only the clipped ones. Yields the dict it fills."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def capture():
+        raw, clip = {}, torch.nn.utils.clip_grad_norm_
+
+        def recording(params, *a, **k):
+            if not raw:
+                raw.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            return clip(params, *a, **k)
+        torch.nn.utils.clip_grad_norm_ = recording
+        try:
+            yield raw
+        finally:
+            torch.nn.utils.clip_grad_norm_ = clip
+    return capture()

@@ -1,0 +1,43 @@
+"""A CPU stand-in for `torch.cuda.set_sync_debug_mode("error")`: a TorchDispatchMode that records every op that would
+make the host wait for the GPU (or copy a Python value to it) if the same code ran on CUDA.
+
+Recorded: reading a tensor's value on the host (`aten._local_scalar_dense`: .item(), float(), bool(), .tolist()),
+ops whose output size depends on values (nonzero, masked_select, boolean-mask indexing, unique), linear-algebra
+calls with a host-side error check (SVD, eigh, ...), and tensors made from Python data inside the step
+(torch.tensor / torch.as_tensor of a Python number or list: a host-to-device copy on CUDA).
+Not visible on the CPU: `.to(device)` of a CPU tensor (the copy is a no-op here).
+
+    with SyncDetector() as syncs:
+        train_step(...)
+    assert syncs.ops == [], syncs.ops
+"""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+_VALUE_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                    "unique_consecutive", "unique_dim", "repeat_interleave_tensor_only"}
+_CHECKED_LINALG = ("svd", "eigh", "eig", "cholesky", "inv", "solve", "lstsq", "lu", "qr")
+_FROM_PYTHON = {"lift_fresh", "lift_fresh_copy"}  # scalar_tensor is a wrapped number (torch.where(c, x, 0.0)): no copy
+
+
+def _bool_index(args):
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()) if i is not None)
+
+
+class SyncDetector(TorchDispatchMode):
+    """Records the names of the ops that would synchronise a CUDA device, in order, in `self.ops`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if (name in _VALUE_DEPENDENT or name in _FROM_PYTHON
+                or (name.startswith("linalg_") or name.startswith("_linalg_")) and any(k in name for k in _CHECKED_LINALG)
+                or name in ("svd", "_svd_helper")
+                or name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_index(args)):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
