@@ -363,7 +363,7 @@ def train(cfg: Config):
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, {})  # the random-init baseline
+        run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         teacher.train()
         diag = torch.zeros(7, device=accelerator.device)  # the epoch's sums, see forward_loss
@@ -374,7 +374,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(diag))
+        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(diag))
         if run.stop_reason:
             break
     return run.finish(backbone, {})

@@ -336,7 +336,7 @@ def train(cfg: Config):
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, {})  # the random-init baseline
+        run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
         table5 = torch.zeros(5, dtype=torch.long, device=accelerator.device)  # the epoch's Table 5 counts
@@ -351,7 +351,7 @@ def train(cfg: Config):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         # Table 5 every epoch, not only with kNN: epoch 1 stands for the paper's "epoch 0" column
         run.log(epoch=epoch + 1, step=step, **epoch_diagnostics(table5, erank))
-        run.end_epoch(epoch + 1, step, backbone, lambda: {})
+        run.end_epoch(epoch + 1, step, backbone, lambda query: {})
         if run.stop_reason:
             break
     return run.finish(backbone, {})

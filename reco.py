@@ -410,10 +410,10 @@ def setup(cfg, data, accelerator):
     return online, optimizer, state
 
 
-def epoch_diagnostics(backbone, query_loader, accelerator):
-    """Table III on the L2-normalised backbone features of the test split, x100 as the table prints them; left out
-    (NaN) when no class has two test images (Interpretation 5)."""
-    sims = class_similarity_stats(*common.extract_features(backbone, query_loader, accelerator))
+def epoch_diagnostics(query):
+    """Table III on the L2-normalised backbone features of the test split (query: the kNN monitor's (features,
+    labels)), x100 as the table prints them; left out (NaN) when no class has two test images (Interpretation 5)."""
+    sims = class_similarity_stats(*query)
     return {k: v * 100 for k, v in sims.items() if math.isfinite(v)}
 
 
@@ -426,14 +426,11 @@ def train(cfg: Config):
     run = common.Run(cfg, "reco", accelerator, data, steps_per_epoch=len(loader))
     online, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(online).backbone
-    query_loader = accelerator.prepare(common.make_loader(  # Table III's features: the test split
-        common.Transformed(data.query, common.eval_transform(data.size, data.mean_std)), cfg.batch_size,
-        accelerator.num_processes, False, cfg.num_workers))
 
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, epoch_diagnostics(backbone, query_loader, accelerator))  # the random-init baseline
+        run.monitor(0, 0, backbone, epoch_diagnostics)  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
         state.train()
@@ -444,7 +441,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched, r=r):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(backbone, query_loader, accelerator))
+        run.end_epoch(epoch + 1, step, backbone, epoch_diagnostics)
         if run.stop_reason:
             break
     return run.finish(backbone, {})

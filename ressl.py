@@ -351,7 +351,7 @@ def train(cfg: Config):
     step = start_epoch * len(loader) + done
     nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, epoch_diagnostics(nn_match, accelerator))  # the random-init baseline
+        run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(nn_match, accelerator))  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         student.train()
         nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
@@ -362,7 +362,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(nn_match, accelerator))
+        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(nn_match, accelerator))
         if run.stop_reason:
             break
     return run.finish(backbone, {})

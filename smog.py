@@ -418,7 +418,7 @@ def train(cfg: Config):
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, epoch_diagnostics(*zeros(), accelerator))  # the random-init baseline
+        run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(*zeros(), accelerator))  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
         class_counts, same_group = zeros()
@@ -430,7 +430,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda: epoch_diagnostics(class_counts, same_group, accelerator))
+        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(class_counts, same_group, accelerator))
         if run.stop_reason:
             break
     return run.finish(backbone, {})

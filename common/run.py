@@ -209,20 +209,24 @@ class Run:
             self.seen += self.cfg.batch_size
             yield batch
 
-    def monitor(self, epoch, step, backbone, diagnostics):
-        """kNN top-1 of the backbone (train split as memory, test split as queries) and the method's diagnostics."""
+    def monitor(self, epoch, step, backbone, diagnostics_fn):
+        """kNN top-1 of the backbone (train split as memory, test split as queries) and the method's diagnostics:
+        diagnostics_fn(query) -> dict, where query = (features (M, D), labels (M,)) of the test split, extracted once
+        for the kNN and handed on (ReCo's Table III reads them)."""
         if self.memory_loader is None:
             tf, n = eval_transform(self.data.size, self.data.mean_std), self.accelerator.num_processes
             self.memory_loader, self.query_loader = self.accelerator.prepare(
                 make_loader(Transformed(self.data.memory, tf), self.cfg.batch_size, n, False, self.cfg.num_workers),
                 make_loader(Transformed(self.data.query, tf), self.cfg.batch_size, n, False, self.cfg.num_workers))
-        knn = knn_accuracy(backbone, self.memory_loader, self.query_loader, self.data.num_classes, self.accelerator,
-                           self.cfg.knn_k, self.cfg.knn_t)
-        self.log(epoch=epoch, step=step, knn_top1=knn, **diagnostics)
+        memory = extract_features(backbone, self.memory_loader, self.accelerator)
+        query = extract_features(backbone, self.query_loader, self.accelerator)
+        knn = knn_top1(memory, query, self.data.num_classes, self.cfg.knn_k, self.cfg.knn_t)
+        self.log(epoch=epoch, step=step, knn_top1=knn, **diagnostics_fn(query))
         self.accelerator.print(f"epoch {epoch}: kNN top-1 {knn:.2f}%")
 
     def end_epoch(self, epoch_done, step, backbone, diagnostics_fn):
-        """kNN monitor and checkpoint when due; diagnostics_fn() -> dict of the method's epoch diagnostics. After a
+        """kNN monitor and checkpoint when due; diagnostics_fn(query) -> dict of the method's epoch diagnostics (see
+        monitor). After a
         stop (or on finding a non-finite loss, which then becomes the stop) it does nothing."""
         cfg = self.cfg
         if self.stop_reason is None and self._any_non_finite():
@@ -230,7 +234,7 @@ class Run:
         if self.stop_reason is not None:
             return
         if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
-            self.monitor(epoch_done, step, backbone, diagnostics_fn())
+            self.monitor(epoch_done, step, backbone, diagnostics_fn)
         if epoch_done % cfg.checkpoint_every == 0 or epoch_done in (cfg.epochs, self.last_epoch):
             self.save_checkpoint(epoch_done, step)
 
@@ -376,12 +380,10 @@ def knn_predict(memory, memory_labels, query, num_classes, k=200, t=0.1, chunk=1
     return torch.cat(scores)
 
 
-def knn_accuracy(backbone, memory_loader, query_loader, num_classes, accelerator, k=200, t=0.1):
-    """Top-1 (%) of the weighted kNN classifier on backbone features: train split as memory, test as queries."""
-    mem, mem_y = extract_features(backbone, memory_loader, accelerator)
-    qry, qry_y = extract_features(backbone, query_loader, accelerator)
-    pred = knn_predict(mem, mem_y, qry, num_classes, k, t).argmax(1)
-    return (pred == qry_y).float().mean().item() * 100
+def knn_top1(memory, query, num_classes, k=200, t=0.1):
+    """Top-1 (%) of the weighted kNN classifier: memory and query are (features, labels) pairs."""
+    pred = knn_predict(memory[0], memory[1], query[0], num_classes, k, t).argmax(1)
+    return (pred == query[1]).float().mean().item() * 100
 
 
 @torch.no_grad()
