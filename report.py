@@ -14,16 +14,15 @@ The diagnostic is the last value of one per-epoch key that each script writes to
 Where the numbers come from: config.json ("method", "dataset", "epochs", "provenance"); metrics.jsonl: per-step
 lines (those with "images_per_s": the last one's value) and epoch-level lines ("knn_top1", the diagnostic, "epoch",
 "wall_time_s", summed over the invocations of a resumed run); epochs done: the highest of the epoch-level lines' "epoch", the checkpoint's progress.json and,
-when backbone.pt exists, the planned epochs. A run without "method" in config.json takes it from
-backbone.pt, else from its folder name (<method>-<dataset>-<time>). A folder without config.json is skipped.
+when backbone.pt exists, the planned epochs. Every script writes "method" into config.json; a config.json without it
+(written by hand) takes the method from the folder name (<method>-<dataset>-<time>). A folder without config.json is
+skipped.
 """
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
-import zipfile
 
 DIAGNOSTIC = {"median_triplet": "rank_k_same_label", "smog": "group_label_entropy",
               "ressl": "teacher_nn_same_label", "hnpm": "hard_size", "reco": "phi"}
@@ -54,27 +53,6 @@ def read_metrics(path):
         return [m for m in map(parse_json, f) if isinstance(m, dict)]
 
 
-class _MetaOnly(pickle.Unpickler):
-    """Reads the plain metadata of a torch.save file without torch: every tensor becomes None, nothing is executed."""
-
-    def find_class(self, module, name):
-        return lambda *args, **kwargs: None
-
-    def persistent_load(self, pid):
-        return None
-
-
-def backbone_meta(path):
-    """Metadata dict ("method", "dataset", ...) of backbone.pt, or {} when it cannot be read."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
-            meta = _MetaOnly(z.open(name)).load()
-        return meta if isinstance(meta, dict) else {}
-    except Exception:  # not a zip, no data.pkl, an unexpected pickle: no metadata
-        return {}
-
-
 def fmt(value, spec=".2f"):
     return MISSING if value is None else format(value, spec)
 
@@ -99,9 +77,8 @@ def run_row(folder):
         return None
     name = os.path.basename(os.path.normpath(folder))
     finished = os.path.isfile(os.path.join(folder, "backbone.pt"))
-    meta = backbone_meta(os.path.join(folder, "backbone.pt")) if finished else {}
     prefix = name.split("-")[0]
-    method = cfg.get("method") or meta.get("method") or (prefix if prefix in DIAGNOSTIC else None)
+    method = cfg.get("method") or (prefix if prefix in DIAGNOSTIC else None)
     metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
 
     planned = cfg.get("epochs")
@@ -124,7 +101,7 @@ def run_row(folder):
     commit = prov.get("git_commit")
     commit = commit and commit[:8] + ("+dirty" if prov.get("git_dirty") else "")
     device = prov.get("device_name") or ("cpu" if prov else None)
-    procs = prov.get("num_processes") or cfg.get("num_processes") or 1
+    procs = prov.get("num_processes") or 1
     precision = prov.get("mixed_precision")
     hardware = device and f"{procs}× {device}" + (f" ({precision})" if precision not in (None, "no") else "")
     return {"run": name, "method": method or MISSING, "dataset": cfg.get("dataset") or MISSING,

@@ -82,7 +82,8 @@ def test_skips_folders_without_config_and_sorts(tmp_path, capsys):
                        {"step": 2, "epoch": 2, "loss": 1.0, "hard_size": 99.0, "images_per_s": 10.0},
                        {"wall_time_s": 45.4, "peak_memory_mb": 1.0}],
                       linear={"top1": 70.0, "top5": 99.0, "cached": True})
-    # a finished run without "method" in a folder not named after it: the method comes from backbone.pt
+    # a finished run without "method" in config.json in a folder not named after it: no method (report.py reads no
+    # checkpoint or backbone file)
     finished = make_run(tmp_path, "straight", {"dataset": "fake", "epochs": 1}, [])
     torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 3)}, "arch": "resnet18", "method": "reco"},
                os.path.join(finished, "backbone.pt"))
@@ -90,7 +91,7 @@ def test_skips_folders_without_config_and_sorts(tmp_path, capsys):
                                    "--sort", "kNN best")
     assert [row[0] for row in cells] == ["my-run", "smog-cifar10-20260101-000000",
                                          "median_triplet-stl10-20250101-000000", "straight"]
-    assert cells[3][1:5] == ["reco", "fake", "1/1", "–"]
+    assert cells[3][1:5] == ["–", "fake", "1/1", "–"]
     assert cells[0][1:9] == ["hnpm", "fake", "1/2", "50.00", "50.00", "70.00 cached", "hard_size 12.5", "1m15s"]
     assert err.count("warning: skipping") == 1 and "empty" in err
 
