@@ -173,13 +173,13 @@ def global_relation_loss(v, v_weak, queue, tau_ot=0.1, tau_tt=0.04):
     return (log_s_t.exp() * (log_s_t - log_s_o)).sum(dim=1).mean()
 
 
-def cutmix(x, x_partner, r, generator=None):
+def cutmix(x, x_partner, r, rng=random):
     """Image interpolation by CutMix, Eq. (4): x (B, C, H, W) with one box (the same for the batch) of sides sqrt(1 - r)
-    and a uniform centre (drawn from a CPU `generator`), clipped, taken from x_partner -> (x_mix, r_eff); r_eff, the
-    kept fraction of x, is the ratio Eq. (5) uses (CutMix's and the authors' code). Pure: inputs unchanged."""
+    and a uniform centre (drawn from `rng`, a random.Random), clipped, taken from x_partner -> (x_mix, r_eff); r_eff,
+    the kept fraction of x, is the ratio Eq. (5) uses (CutMix's and the authors' code). Pure: inputs unchanged."""
     h, w = x.shape[-2:]
     cut_h, cut_w = int(h * math.sqrt(1 - r)), int(w * math.sqrt(1 - r))
-    cy, cx = int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator))
+    cy, cx = rng.randrange(h), rng.randrange(w)  # host numbers: no tensor read back from the device
     y0, y1, x0, x1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     # Eq. (4): x_ij = r * x_i (+) (1 - r) * x_j, the box of x_j pasted into x_i
     x_mix = x.clone()
@@ -229,15 +229,16 @@ def class_similarity_stats(features, labels, chunk=1024):
     labels = labels.to(f.device)
     onehot = F.one_hot(labels, int(labels.max()) + 1).float()  # (N, C)
     class_sum, counts, total = onehot.T @ f, onehot.sum(0), f.sum(0)  # (C, D), (C,), (D,)
-    rows = []
+    per_anchor = {"s_intra": [], "s_inter": [], "phi": []}
     for fi, yi in zip(f.split(chunk), labels.split(chunk)):
         to_class = (fi * class_sum[yi]).sum(1)  # (b,) sum of x_i . x over i's class, x_i included
         same, n_same = to_class - (fi * fi).sum(1), counts[yi] - 1
         other, n_other = fi @ total - to_class, len(f) - counts[yi]
         ok = (n_same > 0) & (n_other > 0)
         mean_p, mean_n = same[ok] / n_same[ok], other[ok] / n_other[ok]
-        rows.append(torch.stack([mean_p, mean_n, (mean_p + 1) / (mean_n + 1)]))  # (3, b)
-    return dict(zip(("s_intra", "s_inter", "phi"), torch.cat(rows, dim=1).mean(dim=1).tolist()))
+        for name, value in (("s_intra", mean_p), ("s_inter", mean_n), ("phi", (mean_p + 1) / (mean_n + 1))):
+            per_anchor[name].append(value)
+    return {name: torch.cat(values).mean().item() for name, values in per_anchor.items()}
 
 
 # ----------------------------------------------------------------------------- Momentum, queue, schedules
@@ -285,14 +286,14 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
 
 
 def step_randomness(seed, step, global_batch, alpha, device):
-    """The step's draws, the same on every process (Interpretation 3) -> (generator, shuffle_k, shuffle_w,
-    partner, r): the shuffle-BN permutations of the key and weak views and the partners j = randperm(N_b), drawn on
-    `device` (no host-to-device copy); r ~ Beta(a, a) and the CutMix box from host generators (Python numbers)."""
+    """The step's draws, the same on every process (Interpretation 3) -> (rng, shuffle_k, shuffle_w, partner, r): the
+    shuffle-BN permutations of the key and weak views and the partners j = randperm(N_b), drawn on `device` (no
+    host-to-device copy); r ~ Beta(a, a), then the CutMix box, from one host random.Random (nothing read back)."""
     on_device = common.generator(seed, "step", step, device=device)
     shuffle_k, shuffle_w, partner = (torch.randperm(global_batch, generator=on_device, device=device)
                                      for _ in range(3))
-    r = random.Random(common.seed_for(seed, "mix-ratio", step)).betavariate(alpha, alpha)
-    return common.generator(seed, "cutmix-box", step), shuffle_k, shuffle_w, partner, r
+    host = random.Random(common.seed_for(seed, "mix", step))
+    return host, shuffle_k, shuffle_w, partner, host.betavariate(alpha, alpha)
 
 
 @torch.no_grad()
@@ -333,8 +334,8 @@ def forward_loss(online, state, views, cfg, step, accelerator):
     x_q, x_k, x_w = views  # x_i (strong, online), x^_i (strong, momentum), x-_i (weak, momentum)
     b, rank = len(x_q), accelerator.process_index
     mine = slice(rank * b, (rank + 1) * b)  # this process's rows of the global batch
-    g, shuffle_k, shuffle_w, partner, r = step_randomness(cfg.seed, step, b * accelerator.num_processes,
-                                                          cfg.mix_alpha, x_q.device)
+    rng, shuffle_k, shuffle_w, partner, r = step_randomness(cfg.seed, step, b * accelerator.num_processes,
+                                                            cfg.mix_alpha, x_q.device)
     x_k_all = accelerator.gather(x_k.contiguous())  # (N, C, H, W): for shuffle BN and as CutMix partners
     with torch.no_grad(), accelerator.autocast():
         k_all = F.normalize(shuffle_bn(state.momentum_encoder, x_k_all, shuffle_k, accelerator).float(), dim=1)  # v^
@@ -346,7 +347,7 @@ def forward_loss(online, state, views, cfg, step, accelerator):
         j = partner[mine]  # partner of each of my samples, an index into the global batch
         # Eq. (4) (Interpretation 1: image q/k; q/q mixes x_i with the partner's query view)
         x_j = x_k_all[j] if cfg.image_pair == "q/k" else accelerator.gather(x_q.contiguous())[j]
-        x_mix, r_eff = cutmix(x_q, x_j, r, g) if cfg.mix == "cutmix" else mixup(x_q, x_j, r)
+        x_mix, r_eff = cutmix(x_q, x_j, r, rng) if cfg.mix == "cutmix" else mixup(x_q, x_j, r)
         # Eq. (4): v_ij = f_theta(x_ij), beside v_i = f_theta(x_i)
         q, v_mix = online(x_q, x_mix)  # (B, D) each, separate BN batches
     else:
@@ -370,14 +371,15 @@ def forward_loss(online, state, views, cfg, step, accelerator):
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
     """One optimiser step, in MoCo's order: the loss against the queues as they were before this batch, SGD on the
     online encoder, the momentum update of f_theta^, then the batch's keys (from every process) enter the queue and
-    its weak keys the bank of Eq. (3). -> loss terms (0-dim tensors) and the step's r (a host float)."""
+    its weak keys the bank of Eq. (3) (not on a step the fp16 GradScaler skipped: a host flag, False without fp16).
+    -> loss terms (0-dim tensors) and the step's r (a host float). Nothing here reads a device value back."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, keys, weak_keys, logs = forward_loss(online, state, views, cfg, step, accelerator)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    if accelerator.sync_gradients:
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         raw = accelerator.unwrap_model(online)
         ema_update(state.momentum_encoder, nn.Sequential(raw.backbone, raw.head), sched["ema_momentum"])
         if hasattr(state, "queue_weak"):  # the bank of Eq. (3), written at the queue's positions (Interpretation 4)
