@@ -116,16 +116,8 @@ class Online(nn.Module):
 
 # ----------------------------------------------------------------------------- Loss
 
-def triplet_loss(p, z, k=None, gamma=2.0, margin=100.0, *, pos_offset=0, return_index=False, k_range=None):
-    """Median (rank-k) triplet loss, Eq. (2), averaged over the anchors (rows of p).
-
-    p (B, D) online predictions (anchors); z (N, D) target projections, N >= B: the positive of p[i] is
-    z[pos_offset + i], every other row of z a negative (m = N - 1). Multi-process: z is the gathered global batch and
-    pos_offset = process_index * B, so anchors stay local and negatives are global. d(x, y) = -cos(x, y); the m
-    negative distances sorted ascending, the k-th (1-based) is used: k = None is the median m // 2 (1 when m = 1),
-    k = 1 the hardest. k_range = (first, last): the mean distance of ranks first..last instead (the released head,
-    (2, 10)); k is then ignored. return_index: also the rows of z used as negatives, (B,) or (B, last - first + 1).
-    """
+def _ranked_distances(p, z, k, pos_offset, k_range):
+    """-> d(x, x+) (B,), d(x, x-) (B,) and the rows of z used as negatives (B, R); the arguments of triplet_loss."""
     b, n = p.shape[0], z.shape[0]
     m = n - 1  # negatives per anchor
     k = max(m // 2, 1) if k is None else k
@@ -141,14 +133,29 @@ def triplet_loss(p, z, k=None, gamma=2.0, margin=100.0, *, pos_offset=0, return_
     d_pos = dist.gather(1, pos_idx[:, None]).squeeze(1)  # (B,)
     # the positive moves past every negative (d <= 1 < inf): ranks 1..m are the negatives
     neg_dist = dist.scatter(1, pos_idx[:, None], float("inf"))  # (B, N)
-    if k_range is None:
-        d_neg, neg_idx = neg_dist.kthvalue(k, dim=1)  # (B,), (B,)
-    else:  # the released head: mean of the sorted negative distances at ranks first..last
-        nearest, nearest_idx = neg_dist.topk(last, dim=1, largest=False)  # (B, last), ascending
-        d_neg, neg_idx = nearest[:, first - 1:].mean(dim=1), nearest_idx[:, first - 1:]  # (B,), (B, R)
+    # the mean of the sorted negative distances at ranks first..last: the k-th alone, or the released head's range
+    nearest, nearest_idx = neg_dist.topk(last, dim=1, largest=False)  # (B, last), ascending
+    return d_pos, nearest[:, first - 1:].mean(dim=1), nearest_idx[:, first - 1:]  # (B,), (B,), (B, R)
+
+
+def triplet_loss(p, z, k=None, gamma=2.0, margin=100.0, *, pos_offset=0, k_range=None):
+    """Median (rank-k) triplet loss, Eq. (2), averaged over the anchors (rows of p).
+
+    p (B, D) online predictions (anchors); z (N, D) target projections, N >= B: the positive of p[i] is
+    z[pos_offset + i], every other row of z a negative (m = N - 1). Multi-process: z is the gathered global batch and
+    pos_offset = process_index * B, so anchors stay local and negatives are global. d(x, y) = -cos(x, y); the m
+    negative distances sorted ascending, the k-th (1-based) is used: k = None is the median m // 2 (1 when m = 1),
+    k = 1 the hardest. k_range = (first, last): the mean distance of ranks first..last instead (the released head,
+    (2, 10)); k is then ignored. negative_index gives the rows of z used as negatives."""
+    d_pos, d_neg, _ = _ranked_distances(p, z, k, pos_offset, k_range)
     # Eq. (2) (Interpretation 1): max(gamma * d(x, x+) - d(x, x-_rank-k) + C, 0)
-    loss = F.relu(gamma * d_pos - d_neg + margin).mean()
-    return (loss, neg_idx) if return_index else loss
+    return F.relu(gamma * d_pos - d_neg + margin).mean()
+
+
+@torch.no_grad()
+def negative_index(p, z, k=None, *, pos_offset=0, k_range=None):
+    """(B, R): the rows of z that triplet_loss uses as each anchor's negative (R = 1 but for a k_range; Table 5)."""
+    return _ranked_distances(p, z, k, pos_offset, k_range)[2]
 
 
 def over_clustering_probability(m, k, p):
@@ -175,13 +182,13 @@ def over_clustering_probability(m, k, p):
 
 @torch.no_grad()
 def overclustering_events(neg_idx, anchor_labels, all_labels):
-    """Table 5 (labels feed this monitor only). neg_idx (B,): the row of the batch used as each anchor's rank-k
-    negative, or (B, R) rows averaged by the released head; anchor_labels (B,); all_labels (N,) labels of the rows of
-    z; -1 (unlabelled, STL-10) is never counted. -> omega_i (B,) bool: the rank-k negative has the anchor's label
+    """Table 5 (labels feed this monitor only). neg_idx (B, R): the rows of z used as each anchor's negative
+    (negative_index; R > 1 for the released head); anchor_labels (B,); all_labels (N,) labels of the rows of z; -1
+    (unlabelled, STL-10) is never counted. -> omega_i (B,) bool: the rank-k negative has the anchor's label
     (Interpretation 10: any of the R); event_b, 0-dim bool: the batch holds two labelled images of one class (event
     B). A batch has event Omega when omega_i is True for any of its anchors. No host synchronisation."""
-    same = all_labels[neg_idx] == anchor_labels.view(-1, *[1] * (neg_idx.dim() - 1))  # (B,) or (B, R)
-    omega_i = same.reshape(len(same), -1).any(dim=1) & (anchor_labels >= 0)  # (B,)
+    same = all_labels[neg_idx] == anchor_labels[:, None]  # (B, R)
+    omega_i = same.any(dim=1) & (anchor_labels >= 0)  # (B,)
     s = all_labels.sort().values  # equal labels side by side
     return omega_i, ((s[1:] == s[:-1]) & (s[1:] >= 0)).any()
 
@@ -203,10 +210,9 @@ class MomentumState(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """BYOL's mean teacher: theta_target <- m * theta_target + (1 - m) * theta_online, one fused call over all
-    parameters. BN running statistics are copied (the target runs in train mode, so they only matter for whoever
-    evaluates it)."""
-    params = list(target.parameters())  # t <- m * t + (1 - m) * o, fused over the parameter lists
+    """BYOL's mean teacher, fused over all parameters: theta_target <- m * theta_target + (1 - m) * theta_online.
+    BN running statistics are copied (the target runs in train mode: they matter only to whoever evaluates it)."""
+    params = list(target.parameters())
     torch._foreach_mul_(params, m)
     torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
@@ -245,49 +251,44 @@ def check_config(cfg, num_processes):
     require(0 < cfg.crop_min_scale <= 1, f"--crop-min-scale must lie in (0, 1], got {cfg.crop_min_scale}.")
 
 
-def forward_loss(online, state, views, labels, cfg, step, accelerator):
+def forward_loss(online, state, views, labels, cfg, accelerator):
     """The loss of this process's share of the batch -> (loss, logs). Anchors are this process's online predictions;
     positives and negatives the target projections of the whole global batch (Deviation 2), gathered without
-    gradient, row r being image r of the global batch. `step` (global optimiser step, 0-based): the effective rank,
-    an SVD, is measured only when it is divisible by --log-every."""
+    gradient, row r being image r of the global batch. logs: both directions' losses, this step's Table 5 counts
+    (0-dim device tensors, the same on every process) and the gathered target projections of view 1 (for z_erank)."""
     x1, x2 = views
     p1, p2 = online(x1), online(x2)  # (B, D) each
     with torch.no_grad(), accelerator.autocast():
         z1, z2 = state.target(x1), state.target(x2)  # (B, D) each
     # Deviation 2: negatives from every process; accelerator.gather carries no gradient, the target needs none
     z1_all, z2_all, labels_all = accelerator.gather((z1.float().contiguous(), z2.float().contiguous(), labels))
-    k_range = (cfg.range_first, cfg.range_last) if cfg.negatives == "range" else None  # Interpretation 10
-    kw = dict(k=cfg.rank_k or None, gamma=cfg.gamma, margin=cfg.margin, return_index=True, k_range=k_range,
-              pos_offset=accelerator.process_index * len(p1))  # rank_k 0: the median m // 2 (Interpretation 4)
+    ranks = dict(k=cfg.rank_k or None, pos_offset=accelerator.process_index * len(p1),  # rank_k 0: the median
+                 k_range=(cfg.range_first, cfg.range_last) if cfg.negatives == "range" else None)  # Interpretation 10
     # Interpretation 4: both directions, summed: online(view 1) vs target(view 2), online(view 2) vs target(view 1)
-    loss_12, neg_12 = triplet_loss(p1, z2_all, **kw)
-    loss_21, neg_21 = triplet_loss(p2, z1_all, **kw)
-    loss = loss_12 + loss_21
-    with torch.no_grad():
-        # Table 5 (Interpretation 6): every process gets the whole batch's rank-k choices and the same counts
-        neg_all = accelerator.gather(torch.stack([neg_12, neg_21], dim=1))  # (N, 2) or (N, 2, R)
-        omega_12, event_b = overclustering_events(neg_all[:, 0], labels_all, labels_all)
-        omega = torch.cat([omega_12, overclustering_events(neg_all[:, 1], labels_all, labels_all)[0]])
-        hits = omega.sum()
-        # anchors whose rank-k negative has their label, labelled anchors, batches with Omega, with B, batches
-        table5 = torch.stack([hits, 2 * (labels_all >= 0).sum(), omega.any().long(), event_b.long(),
-                              torch.ones_like(hits)])
-        ones = torch.ones((), device=z1_all.device)  # (effective rank, 1): dimensional collapse, summed per epoch
-        erank = (torch.stack([common.effective_rank(z1_all), ones]) if step % cfg.log_every == 0
-                 else torch.zeros(2, device=z1_all.device))
-    return loss, {"loss_12": loss_12.detach(), "loss_21": loss_21.detach(), "table5": table5, "erank": erank}
+    loss_12 = triplet_loss(p1, z2_all, gamma=cfg.gamma, margin=cfg.margin, **ranks)
+    loss_21 = triplet_loss(p2, z1_all, gamma=cfg.gamma, margin=cfg.margin, **ranks)
+    # Table 5 (Interpretation 6): every process gets the whole batch's negatives and the same counts
+    neg_all = accelerator.gather(torch.stack([negative_index(p1, z2_all, **ranks),
+                                              negative_index(p2, z1_all, **ranks)], dim=1))  # (N, 2, R)
+    omega_12, event_b = overclustering_events(neg_all[:, 0], labels_all, labels_all)
+    omega = torch.cat([omega_12, overclustering_events(neg_all[:, 1], labels_all, labels_all)[0]])  # (2N,)
+    table5 = {"same_label": omega.sum(), "labelled": 2 * (labels_all >= 0).sum(), "omega": omega.any().long(),
+              "event_b": event_b.long(), "batches": torch.ones_like(event_b, dtype=torch.long)}
+    return loss_12 + loss_21, {"loss_12": loss_12.detach(), "loss_21": loss_21.detach(), "table5": table5,
+                               "target_z1": z1_all}
 
 
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
-    """One optimiser step: Eq. (2) in both directions against the target as it was before the step, SGD on the
-    online network, then the target's EMA toward the updated online backbone and projector."""
+    """One optimiser step, no host sync: Eq. (2) both ways against the target as it was before the step, SGD on the
+    online network, then the target's EMA toward the updated online network (`step`: unused, a shared signature)."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
-    loss, logs = forward_loss(online, state, views, labels, cfg, step, accelerator)
+    loss, logs = forward_loss(online, state, views, labels, cfg, accelerator)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    if accelerator.sync_gradients:
+    # a step GradScaler skipped (fp16, inf gradients) must not move the target either
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         raw = accelerator.unwrap_model(online)
         ema_update(state.target, nn.Sequential(raw.backbone, raw.projector), sched["ema_momentum"])
     return {"loss": loss.detach(), **logs}
@@ -314,13 +315,13 @@ def setup(cfg, data, accelerator):
     return online, optimizer, state
 
 
-def epoch_diagnostics(table5, erank):
-    """Table 5 over the epoch (Interpretation 6; the same counts on every process) and the mean effective rank of
-    the target projections of the steps that measured it (absent when none did)."""
-    hits, anchors, n_omega, n_b, n_batches = table5.tolist()
-    erank_sum, n = erank.tolist()
-    return {"omega_given_a": n_omega / max(1, n_batches), "omega_given_b": n_omega / max(1, n_b),
-            "rank_k_same_label": hits / max(1, anchors), **({"z_erank": erank_sum / n} if n else {})}
+def epoch_diagnostics(table5, target_z1):
+    """Table 5 over the epoch (Interpretation 6; the steps' counts summed, the same on every process) and the effective
+    rank of the epoch's last target projections of view 1 (an SVD, whose error check syncs: once an epoch)."""
+    erank = common.effective_rank(target_z1)
+    c = dict(zip([*table5, "erank"], torch.stack([*table5.values(), erank]).tolist()))
+    return {"omega_given_a": c["omega"] / max(1, c["batches"]), "omega_given_b": c["omega"] / max(1, c["event_b"]),
+            "rank_k_same_label": c["same_label"] / max(1, c["labelled"]), "z_erank": c["erank"]}
 
 
 def train(cfg: Config):
@@ -339,18 +340,17 @@ def train(cfg: Config):
         run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
-        table5 = torch.zeros(5, dtype=torch.long, device=accelerator.device)  # the epoch's Table 5 counts
-        erank = torch.zeros(2, device=accelerator.device)  # (sum of effective ranks, steps that measured it)
+        table5 = {}  # the epoch's Table 5 counts, summed on the device
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
             sched = schedules(cfg, step, len(loader))
             logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
-            table5 += logs.pop("table5")
-            erank += logs.pop("erank")
+            table5 = {k: table5.get(k, 0) + v for k, v in logs.pop("table5").items()}
+            target_z1 = logs.pop("target_z1")
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         # Table 5 every epoch, not only with kNN: epoch 1 stands for the paper's "epoch 0" column
-        run.log(epoch=epoch + 1, step=step, **epoch_diagnostics(table5, erank))
+        run.log(epoch=epoch + 1, step=step, **epoch_diagnostics(table5, target_z1))
         run.end_epoch(epoch + 1, step, backbone, lambda query: {})
         if run.stop_reason:
             break
