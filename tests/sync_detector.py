@@ -1,7 +1,8 @@
 """A CPU stand-in for `torch.cuda.set_sync_debug_mode("error")`: a TorchDispatchMode that records every op that would
 make the host wait for the GPU (or copy a Python value to it) if the same code ran on CUDA.
 
-Recorded: reading a tensor's value on the host (`aten._local_scalar_dense`: .item(), float(), bool(), .tolist()),
+Recorded: reading a tensor's value on the host (`aten._local_scalar_dense`: .item(), float(), bool(); and .tolist(),
+.numpy(), which read memory without an aten op and are recorded by wrapping them while the mode is active),
 ops whose output size depends on values (nonzero, masked_select, boolean-mask indexing, unique), linear-algebra
 calls with a host-side error check (SVD, eigh, ...), and tensors made from Python data inside the step
 (torch.tensor / torch.as_tensor of a Python number or list: a host-to-device copy on CUDA).
@@ -32,6 +33,22 @@ class SyncDetector(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):  # host reads that bypass the dispatcher
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def recording(t, *a, _name=name, _original=original, **k):
+                self.ops.append(_name)
+                return _original(t, *a, **k)
+            setattr(torch.Tensor, name, recording)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
