@@ -17,7 +17,7 @@ Glossary (the paper's symbols)
     U_i, U'_i teacher / student representation of image i, (B, D)                  `u_teacher`, `u_student`
     DisSim    mean over the D dims of (a/||a||_inf - b/||b||_inf)^2, in [0, 4]      `pairwise_dissim`, Eq. (3)
     B~_i      hard negatives of anchor i: {j != i : DisSim(U'_i, U_j) <= 1}         `hard_negative_mask`, Eq. (5)
-    L1, L2    positive loss, negative loss -E[log sum_{j in B~_i} DisSim]           `hnpm_loss`, Eqs. (2), (4)
+    L1, L2    positive loss, negative loss -E[log sum_{j in B~_i} DisSim]           `hnpm_terms`, Eqs. (2), (4)
     α1, α2, τ loss weights 0.8, 0.1 (Eq. 7); EMA coefficient 0.5 (Eq. 6)            `--alpha1 --alpha2 --ema-tau`
 
 Interpretations (text silent or ambiguous) and deviations; evidence and details in docs/hnpm.md:
@@ -162,18 +162,11 @@ def hard_negative_mask(d, threshold=1.0, mining="threshold"):
     return not_self & (d <= threshold)  # (B, B)
 
 
-def hnpm_loss(u_teacher, u_student, alpha1=0.8, alpha2=0.1, threshold=1.0, *, mining="threshold",
-              student_grad=False, eps=1e-8, return_parts=False):
-    """Eqs. (2)-(5) and (7): α1·L1 + α2·L2 over a batch of positive pairs (row i of both inputs is image i).
-
-    u_teacher: (B, D) from the gradient-carrying teacher on augmented images A(I) (U in the paper).
-    u_student: (B, D) from the EMA student on the un-augmented images I (U' in the paper); detached here unless
-        `student_grad` (the Fig. 2 ablation). Pass the GLOBAL batch: the hard set spans every row.
-    mining: "threshold" (Eq. 5), "hardest" or "all" (Fig. 2 "w/o HNPM"), see `hard_negative_mask`.
-    return_parts: also return a dict with l1, l2 (detached), hard_size (mean |B~_i| over anchors), empty_frac
-        (fraction of anchors with an empty hard set), dissim_mean and dissim_max (over the B(B-1) pairs j != i:
-        how far the batch is from the threshold) and mask ((B, B) bool, mask[i, j] = j in B~_i). No host sync.
-    """
+def hnpm_terms(u_teacher, u_student, threshold=1.0, *, mining="threshold", student_grad=False, eps=1e-8):
+    """The terms of Eq. (7) and what the mining saw, named tensors (no host sync; arguments as in `hnpm_loss`): l1, l2
+    (Eqs. 2, 4; 0-dim float32, with gradient), hard_size (mean |B~_i| over anchors), empty_frac (fraction of anchors
+    with an empty hard set), dissim_mean and dissim_max (over the pairs j != i: how far the batch is from the
+    threshold) and mask ((B, B) bool, mask[i, j] = j in B~_i)."""
     assert u_teacher.shape == u_student.shape and u_teacher.dim() == 2, \
         f"two (B, D) tensors of the same shape, got {tuple(u_teacher.shape)} and {tuple(u_student.shape)}"
     if not student_grad:
@@ -189,20 +182,28 @@ def hnpm_loss(u_teacher, u_student, alpha1=0.8, alpha2=0.1, threshold=1.0, *, mi
         d = pairwise_dissim(s, t)  # (B, B)
         mask = hard_negative_mask(d.detach(), threshold, mining)  # (B, B) bool
         # Eq. (4): L2 = -E_i[log sum_{j in B~_i} DisSim(U'_i, U_j)]
-        # Interpretation 3: clamp the sum at eps
-        neg_sum = (d * mask).sum(dim=1).clamp_min(eps)  # (B,)
+        neg_sum = (d * mask).sum(dim=1).clamp_min(eps)  # (B,); Interpretation 3: the sum clamped at eps
         # Interpretation 2: anchors with an empty hard set weigh 0 in the mean (L2 = 0 if all are empty)
         has_hard = mask.any(dim=1).to(dtype)  # (B,)
         l2 = -(neg_sum.log() * has_hard).sum() / has_hard.sum().clamp_min(1)
-        # Eq. (7): L = α1·L1 + α2·L2
-        loss = alpha1 * l1 + alpha2 * l2
-    if not return_parts:
-        return loss
-    off = (~torch.eye(len(d), dtype=torch.bool, device=d.device)).to(dtype)  # (B, B), 1 for the pairs j != i
-    pairs = d.detach()
-    return loss, {"l1": l1.detach(), "l2": l2.detach(), "hard_size": mask.sum(1).to(dtype).mean(),
-                  "empty_frac": 1 - has_hard.mean(), "dissim_mean": (pairs * off).sum() / off.sum(),
-                  "dissim_max": pairs.masked_fill(off == 0, -math.inf).amax(), "mask": mask}
+    off, pairs = ~torch.eye(len(d), dtype=torch.bool, device=d.device), d.detach()  # (B, B): the pairs j != i
+    return {"l1": l1, "l2": l2, "hard_size": mask.sum(1).to(dtype).mean(), "empty_frac": 1 - has_hard.mean(),
+            "dissim_mean": (pairs * off).sum() / off.sum(), "dissim_max": pairs.masked_fill(~off, -math.inf).amax(),
+            "mask": mask}
+
+
+def hnpm_loss(u_teacher, u_student, alpha1=0.8, alpha2=0.1, threshold=1.0, *, mining="threshold",
+              student_grad=False, eps=1e-8):
+    """Eqs. (2)-(5) and (7): α1·L1 + α2·L2 over a batch of positive pairs (row i of both inputs is image i), a 0-dim
+    float32 tensor; `hnpm_terms` gives the terms and the mining diagnostics.
+
+    u_teacher: (B, D) from the gradient-carrying teacher on augmented images A(I) (U in the paper).
+    u_student: (B, D) from the EMA student on the un-augmented images I (U' in the paper); detached here unless
+        `student_grad` (the Fig. 2 ablation). Pass the GLOBAL batch: the hard set spans every row.
+    mining: "threshold" (Eq. 5), "hardest" or "all" (Fig. 2 "w/o HNPM"), see `hard_negative_mask`.
+    """
+    terms = hnpm_terms(u_teacher, u_student, threshold, mining=mining, student_grad=student_grad, eps=eps)
+    return alpha1 * terms["l1"] + alpha2 * terms["l2"]  # Eq. (7)
 
 
 def mined_pairs(mask, labels):
@@ -219,7 +220,7 @@ def ema_update(student, teacher, tau):
     """Eq. (6): θ_S <- τ·θ_S + (1-τ)·θ_T, one fused call over all parameters; τ = 0 copies the teacher, τ = 1
     freezes the student (Table 7). Interpretation 9: BN running statistics are copied (the student runs in train
     mode, so they only matter for whoever evaluates it)."""
-    params = list(student.parameters())  # Eq. (6): θ_S <- τ·θ_S + (1-τ)·θ_T, fused over the parameter lists
+    params = list(student.parameters())
     torch._foreach_mul_(params, tau)
     torch._foreach_add_(params, [p.detach() for p in teacher.parameters()], alpha=1 - tau)
     torch._foreach_copy_(list(student.buffers()), list(teacher.buffers()))
@@ -266,9 +267,9 @@ def check_config(cfg, num_processes):
         require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}.")
 
 
-def forward_loss(teacher, student, views, labels, cfg, step, accelerator):
-    """One step's loss over the GLOBAL batch (identical on every process) -> (loss, logs). `step` (global optimiser
-    step): the effective rank of U, an SVD, is measured on logging steps only."""
+def forward_loss(teacher, student, views, labels, cfg, accelerator):
+    """One step's loss over the GLOBAL batch (identical on every process) -> (loss, logs): the step's log terms,
+    `epoch_sums` (named 0-dim tensors train() adds up) and `u`, the teacher's (B, D) representations, detached."""
     x_t, x_s = views  # A(I) for the teacher, the un-augmented I for the student
     # Eq. (1): U = T(A(I); θ_T), U' = S(I; θ_S)
     u_t = teacher(x_t)  # (b, D), b = this process's share
@@ -277,26 +278,22 @@ def forward_loss(teacher, student, views, labels, cfg, step, accelerator):
     # Interpretation 4: mine over the global batch; the teacher rows used as negatives carry gradient
     u_t = gather_with_grad(u_t)  # (B, D)
     u_s = gather_with_grad(u_s) if cfg.student_grad else accelerator.gather(u_s.detach())
-    loss, parts = hnpm_loss(u_t, u_s, cfg.alpha1, cfg.alpha2, cfg.threshold, mining=cfg.mining,
-                            student_grad=cfg.student_grad, return_parts=True)
+    terms = hnpm_terms(u_t, u_s, cfg.threshold, mining=cfg.mining, student_grad=cfg.student_grad)
+    loss = cfg.alpha1 * terms["l1"] + cfg.alpha2 * terms["l2"]  # Eq. (7), as hnpm_loss
     with torch.no_grad():
-        same, mined = mined_pairs(parts.pop("mask"), accelerator.gather(labels)).float()  # labels: monitoring only
-        one = torch.ones((), device=u_t.device)
-        # dimensional collapse of U, on logging steps: (effective rank, 1), summed over the epoch
-        erank = (torch.stack([common.effective_rank(u_t), one]) if step % cfg.log_every == 0
-                 else torch.zeros(2, device=u_t.device))
-        # epoch sums: steps, hard-set size, empty fraction, same-label and mined pairs, effective rank, its count
-        diag = torch.cat([torch.stack([one, parts["hard_size"].float(), parts["empty_frac"].float(), same, mined]),
-                          erank])
-    return loss, {**parts, "false_neg": same / mined.clamp(min=1), "diag": diag}
+        same, mined = mined_pairs(terms.pop("mask"), accelerator.gather(labels)).float()  # labels: monitoring only
+        logs = {k: v.detach() for k, v in terms.items()}
+        sums = {"hard_size": logs["hard_size"], "empty_frac": logs["empty_frac"], "same_label": same, "mined": mined}
+    return loss, {**logs, "false_neg": same / mined.clamp(min=1), "epoch_sums": sums, "u": u_t.detach()}
 
 
 def train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator):
     """One optimiser step: the loss against the student as it was before the step, Adam (or SGD) on the teacher
-    with gradient clipping (Sec. 3.3, 3.5), then the student's EMA toward the updated teacher (Eq. 6)."""
+    with gradient clipping (Sec. 3.3, 3.5), then the student's EMA toward the updated teacher (Eq. 6). No host
+    sync, and the same on every `step`; -> the logs of `forward_loss`, the loss first."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
-    loss, logs = forward_loss(teacher, student, views, labels, cfg, step, accelerator)
+    loss, logs = forward_loss(teacher, student, views, labels, cfg, accelerator)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     raw = accelerator.unwrap_model(teacher)
@@ -307,7 +304,8 @@ def train_step(teacher, student, optimizer, views, labels, cfg, sched, step, acc
         accelerator.clip_grad_norm_([*raw.parameters(), *(student.parameters() if cfg.student_grad else [])],
                                     cfg.grad_clip)
     optimizer.step()
-    if accelerator.sync_gradients:
+    # only after a step the teacher took: not after one fp16's GradScaler skipped (a host flag, no sync)
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         ema_update(student, raw, sched["ema_tau"])
     return {"loss": loss.detach(), **logs}
 
@@ -340,14 +338,14 @@ def setup(cfg, data, accelerator):
     return teacher, optimizer, student
 
 
-def epoch_diagnostics(diag):
+def epoch_diagnostics(sums, steps, eranks):
     """The epoch's means of the hard-set size and empty fraction, the share of mined pairs with the anchor's label,
-    and the mean effective rank of U over its logging steps (nothing before the first step)."""
-    steps, hard, empty, same, mined, erank, n_erank = diag.tolist()
+    and the mean effective rank of U over its logging steps (`eranks`); `sums` of `steps` steps, see forward_loss."""
     if not steps:
         return {}
-    return {"hard_size": hard / steps, "empty_frac": empty / steps, "false_neg": same / max(mined, 1),
-            **({"u_erank": erank / n_erank} if n_erank else {})}
+    s = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one host read for all of them
+    return {"hard_size": s["hard_size"] / steps, "empty_frac": s["empty_frac"] / steps, "false_neg": s["same_label"]
+            / max(s["mined"], 1), **({"u_erank": torch.stack(eranks).mean().item()} if eranks else {})}
 
 
 def train(cfg: Config):
@@ -366,15 +364,17 @@ def train(cfg: Config):
         run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         teacher.train()
-        diag = torch.zeros(7, device=accelerator.device)  # the epoch's sums, see forward_loss
+        sums, steps, eranks = {}, 0, []  # the epoch's diagnostics, see forward_loss
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
             sched = schedules(cfg, step, len(loader))
             logs = train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator)
-            diag += logs.pop("diag")
-            step += 1
+            sums = {k: sums.get(k, 0) + v for k, v in logs.pop("epoch_sums").items()}
+            u, steps, step = logs.pop("u"), steps + 1, step + 1
+            if step % cfg.log_every == 0 or step == run.total_steps:  # on logging steps, which sync anyway:
+                eranks.append(common.effective_rank(u))  # dimensional collapse of U, an SVD (it syncs)
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(diag))
+        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(sums, steps, eranks))
         if run.stop_reason:
             break
     return run.finish(backbone, {})

@@ -1,4 +1,5 @@
 """Shared test helpers: run a script as a user would (subprocess, CPU, no network) and read its outputs."""
+import contextlib
 import json
 import os
 import subprocess
@@ -112,23 +113,18 @@ def two_process_results(method, tmp_path, *args):
     return load(one, 0), [load(two, 0), load(two, 1)]
 
 
-def grads_before_clipping(model):
-    """Context manager: records {name: grad.clone()} of `model` just before the first gradient clipping call
-    (torch.nn.utils.clip_grad_norm_, which accelerator.clip_grad_norm_ calls), so a two-process check compares the raw gradients,
-    scale included, and not only the clipped ones. Yields the dict it fills."""
-    import contextlib
+@contextlib.contextmanager
+def grads_before_clipping(accelerator, params):
+    """Records {name: grad.clone()} of `params` (name -> parameter) as the step's accelerator.clip_grad_norm_ finds
+    them: the raw gradients, scale included, which clipping would normalise, so that a two-process check compares
+    them and not only the clipped ones. Yields the dict it fills."""
+    raw, clip = {}, accelerator.clip_grad_norm_
 
-    @contextlib.contextmanager
-    def capture():
-        raw, clip = {}, torch.nn.utils.clip_grad_norm_
-
-        def recording(params, *a, **k):
-            if not raw:
-                raw.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            return clip(params, *a, **k)
-        torch.nn.utils.clip_grad_norm_ = recording
-        try:
-            yield raw
-        finally:
-            torch.nn.utils.clip_grad_norm_ = clip
-    return capture()
+    def recording(parameters, *a, **k):
+        raw.update({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+        return clip(parameters, *a, **k)
+    accelerator.clip_grad_norm_ = recording
+    try:
+        yield raw
+    finally:
+        del accelerator.clip_grad_norm_
