@@ -132,30 +132,39 @@ def assign_groups(z, groups):
     return (F.normalize(z.float(), dim=1) @ F.normalize(groups.float(), dim=1).T).argmax(dim=1)  # (B,)
 
 
-def update_groups(groups, z, assign, beta, return_counts=False, sync_processes=True):
+def memberships(assign, num_groups):  # (B, K) one-hot; F.one_hot's range check reads values back off CUDA
+    return (assign.unsqueeze(1) == torch.arange(num_groups, device=assign.device)).float()
+
+
+def group_counts(assign, num_groups):
+    """(K,) float32 sizes of the groups in assign (B,), summed over processes: the global batch's group sizes."""
+    counts = memberships(assign, num_groups).sum(dim=0)  # (K,)
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    return counts
+
+
+def update_groups(groups, z, assign, beta, counts=None):
     """Eq. (4): every group with at least one assigned row moves to normalize(beta * g + (1 - beta) * mean of the
-    normalised rows of z assigned to it); empty groups are unchanged. -> new (K, D) float32 groups (and the (K,)
-    global counts if return_counts).
+    normalised rows of z assigned to it); empty groups are unchanged. -> new (K, D) float32 groups.
 
     groups (K, D) are constants; z (B, D) online features get the gradient through the result (the "synchronous"
-    grouping of Sec. 3.2); assign (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules).
-    Under torch.distributed the sums and counts are summed over processes (sync_processes), the sums with an
-    autograd-aware all-reduce: every process gets the groups of the global batch, and the gradient reaches the
-    features of every process.
+    grouping of Sec. 3.2); assign (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules);
+    counts the (K,) group_counts(assign, K) when the caller has them already. Under torch.distributed the sums are
+    summed over processes with an autograd-aware all-reduce: every process gets the groups of the global batch, and
+    the gradient reaches the features of every process.
     """
     groups = groups.detach().float()  # (K, D)
-    one_hot = F.one_hot(assign, len(groups)).float()  # (B, K); F.one_hot with num_classes does not sync on CUDA
-    sums, counts = one_hot.T @ F.normalize(z.float(), dim=1), one_hot.sum(dim=0)  # (K, D), (K,)
-    if sync_processes and world_size() > 1:
+    counts = group_counts(assign, len(groups)) if counts is None else counts  # (K,)
+    sums = memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1)  # (K, D)
+    if world_size() > 1:
         sums = dist_nn.all_reduce(sums)  # backward sums the gradients of every process's loss
-        dist.all_reduce(counts)  # counts carry no gradient
     mean = sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
-    beta = torch.as_tensor(beta, dtype=groups.dtype, device=groups.device)
-    beta = beta.unsqueeze(1) if beta.dim() == 1 else beta  # (K, 1) or scalar
+    if isinstance(beta, torch.Tensor):
+        beta = beta.unsqueeze(1)  # (K, 1); a Python float stays one (no host-to-device copy)
     # Eq. (4): g_k <- beta * g_k + (1 - beta) * mean_{c_t = g_k} f(x_t), then normalised (the paper omits it)
     updated = F.normalize(beta * groups + (1.0 - beta) * mean, dim=1)  # (K, D)
-    new_groups = torch.where((counts > 0).unsqueeze(1), updated, groups)  # empty groups unchanged
-    return (new_groups, counts.detach()) if return_counts else new_groups
+    return torch.where((counts > 0).unsqueeze(1), updated, groups)  # empty groups unchanged
 
 
 def smog_loss(p, groups, target, tau=0.1):
@@ -190,9 +199,8 @@ class MomentumState(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, one fused call over all parameters; BN running
+    """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameter lists; BN running
     statistics are copied."""
-    # f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameter lists
     params = list(target.parameters())
     torch._foreach_mul_(params, m)
     torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
@@ -203,8 +211,6 @@ def beta_schedule(step, total_steps, end=0.99, start=1.0, kind="linear"):
     """beta of Eq. (4) at a step: linear start -> end over training (Sec. 3.4: 1.0 -> 0.99), or `end` (Table 7a)."""
     if kind == "fixed":
         return end
-    if kind != "linear":
-        raise ValueError(f"--beta-schedule must be 'linear' or 'fixed', got {kind!r}")
     frac = min(max(step, 0), max(total_steps - 1, 1)) / max(total_steps - 1, 1)
     return start + (end - start) * frac
 
@@ -213,12 +219,13 @@ def beta_schedule(step, total_steps, end=0.99, start=1.0, kind="linear"):
 def spherical_kmeans(x, k, iters=10, generator=None, chunk=8192):
     """Spherical k-means (cosine similarity, unit centroids) of x (N, D) on x's device -> centroids (k, D) and the
     (k,) counts of the last assignment. Starts from k distinct random rows; when N < k, all N rows plus k - N random
-    unit vectors (a copy of a row could never win an argmax). An empty centroid keeps its previous value."""
+    unit vectors (a copy of a row could never win an argmax). An empty centroid keeps its previous value. The
+    generator lives on x's device: the draws need no host-to-device copy."""
     x = F.normalize(x.float(), dim=1)  # (N, D)
     n = len(x)
-    centroids = x[torch.randperm(n, generator=generator)[:k].to(x.device)]  # (min(n, k), D)
+    centroids = x[torch.randperm(n, generator=generator, device=x.device)[:k]]  # (min(n, k), D)
     if n < k:
-        extra = F.normalize(torch.randn(k - n, x.shape[1], generator=generator), dim=1).to(x.device)
+        extra = F.normalize(torch.randn(k - n, x.shape[1], generator=generator, device=x.device), dim=1)
         centroids = torch.cat([centroids, extra])  # (k, D)
     for it in range(iters + 1):
         assign = torch.cat([(xc @ centroids.T).argmax(dim=1) for xc in x.split(chunk)])  # (N,)
@@ -232,7 +239,7 @@ def spherical_kmeans(x, k, iters=10, generator=None, chunk=8192):
 def kmeans_groups(x, cfg, step):
     """Groups and their sizes by spherical k-means of x (Interpretations 4 and 6), seeded by (seed, step) and
     broadcast from process 0: the float atomics of a GPU k-means can differ in the last bits between processes."""
-    g = common.generator(cfg.seed, "kmeans", step)
+    g = common.generator(cfg.seed, "kmeans", step, device=x.device)
     return broadcast(spherical_kmeans(x, cfg.num_groups, cfg.kmeans_iters, generator=g), from_process=0)
 
 
@@ -247,26 +254,22 @@ def gather_with_grad(x):
     return torch.cat(dist_nn.all_gather(x.contiguous()))
 
 
-def group_step(groups, z, assign, rule, beta, seen, seed):
-    """This iteration's groups under Table 7d's rules (Interpretation 7) -> (new groups (K, D) carrying gradient to
-    z, global counts (K,)). momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k;
+def group_step(groups, z, assign, counts, rule, beta, seen, seed):
+    """This iteration's groups (K, D), carrying gradient to z, under Table 7d's rules (Interpretation 7); counts are
+    the global group_counts of assign. momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k;
     average-paper: beta_k = 1 - 1 / n_k (n_k counts this batch too; Deviation 2); random: every group re-drawn from
     the global batch's rows, by a generator seeded with `seed` on z's device (the same on every process)."""
-    if rule in ("momentum", "latest"):
-        return update_groups(groups, z, assign, beta if rule == "momentum" else 0.0, return_counts=True)
-    counts = F.one_hot(assign, len(groups)).float().sum(dim=0)  # (K,)
-    if world_size() > 1:
-        dist.all_reduce(counts)
+    if rule == "random":
+        z_all = gather_with_grad(z)  # (N, D)
+        g = torch.Generator(device=z.device).manual_seed(seed)
+        n, k = len(z_all), len(groups)  # distinct rows; with replacement only when there are more groups than rows
+        idx = (torch.randperm(n, generator=g, device=z.device)[:k] if n >= k
+               else torch.randint(n, (k,), generator=g, device=z.device))
+        return F.normalize(z_all[idx].float(), dim=1)
     if rule in ("average", "average-paper"):
         # Deviation 2: g_k + m_k / n_k * (mean - g_k), the running average; the paper prints 1 / n_k
-        n = (seen + counts).clamp(min=1)
-        return update_groups(groups, z, assign, 1.0 - (counts if rule == "average" else 1.0) / n), counts
-    z_all = gather_with_grad(z)  # (N, D), rule "random"
-    g = torch.Generator(device=z.device).manual_seed(seed)
-    n, k = len(z_all), len(groups)  # distinct rows; with replacement only when there are more groups than rows
-    idx = (torch.randperm(n, generator=g, device=z.device)[:k] if n >= k
-           else torch.randint(n, (k,), generator=g, device=z.device))
-    return F.normalize(z_all[idx].float(), dim=1), counts
+        beta = 1.0 - (counts if rule == "average" else 1.0) / (seen + counts).clamp(min=1)
+    return update_groups(groups, z, assign, 0.0 if rule == "latest" else beta, counts)
 
 
 @torch.no_grad()
@@ -316,22 +319,24 @@ def check_config(cfg, num_processes):
 
 def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     """The loss of this process's share of the batch -> (loss, new groups (K, D), online projections of the global
-    batch z_all (N, D), logs). The new groups are stored by train_step after the optimiser step."""
+    batch z_all (N, D), logs). The new groups are stored by train_step after the optimiser step; the k-means
+    initialisation of step 0 is stored here, since it does not depend on the optimiser step."""
     # Interpretation 5: the two schemes swap streams every iteration (Sec. 3.4)
     x_a, x_b = views if step % 2 == 0 else views[::-1]
     z_a, p_a = online(x_a)  # (B, D) each: online projection f_theta(x^a) and prediction
     with torch.no_grad(), accelerator.autocast():
         z_b = state.target(x_b)  # (B, D) momentum projection f^_eta(x^b)
     z_all = accelerator.gather(z_a.detach().float().contiguous())  # (N, D) no gradient: cache, init, diagnostics
-    groups = state.groups
     if cfg.group_init == "kmeans" and step == 0:  # Interpretation 4: k-means of the first global batch
-        groups = kmeans_groups(z_all, cfg, step)[0]
+        state.groups.copy_(kmeans_groups(z_all, cfg, step)[0])
+    groups = state.groups  # the groups before this batch (train_step stores the new ones after the step)
     # Eq. (4), first line, with the groups before this batch (Interpretation 3)
     target = assign_groups(z_b, groups)  # (B,) c_i^b, from the momentum network
     assign = assign_groups(z_a, groups)  # (B,) c_i^a, the groups the online features update
+    counts = group_counts(assign, cfg.num_groups)  # (K,) over the global batch
     # Eq. (4), second line: synchronous update; gradient flows from the new groups to z_a (and to other processes)
-    new_groups, counts = group_step(groups, z_a, assign, cfg.group_update, beta, state.seen,
-                                    common.seed_for(cfg.seed, "random-groups", step))
+    new_groups = group_step(groups, z_a, assign, counts, cfg.group_update, beta, state.seen,
+                            common.seed_for(cfg.seed, "random-groups", step))
     # Eq. (3) against the updated groups; --detach-groups cuts the path through them
     loss = smog_loss(p_a, new_groups.detach() if cfg.detach_groups else new_groups, target, cfg.tau)
     with torch.no_grad():  # Interpretation 10; STL-10's unlabelled images (label -1) are not counted
@@ -339,15 +344,17 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
             0, assign * state.num_classes + labels.clamp(min=0), (labels >= 0).float()).view(cfg.num_groups, -1)
         logs = {"groups_used_step": (counts > 0).sum().float(),
                 "z_std": F.normalize(z_all, dim=1).std(dim=0).mean(),  # embedding spread (collapse: 0)
-                "counts": counts, "class_counts": class_counts,
-                "same_group": torch.stack([(assign == target).sum(), (assign >= 0).sum()])}
+                "counts": counts, "class_counts": class_counts,  # (K,), (K, C)
+                "same_group": (assign == target).sum(),  # this process's images whose two views share a group
+                "images": torch.full((), len(assign), device=assign.device)}
     return loss, new_groups.detach(), z_all, logs
 
 
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
     """One optimiser step in the paper's order: the periodic reset when due (Sec. 3.2), assignment to the groups
     before this batch, their update by it (Eq. 4), the loss against the updated groups (Eq. 3), SGD on f_theta, the
-    momentum update of f^_eta; then the new groups and the batch's projections (for the next k-means) are stored."""
+    momentum update of f^_eta; then the new groups and the batch's projections (for the next k-means) are stored,
+    unless the fp16 loss scaler skipped the step. No host synchronisation."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     raw = accelerator.unwrap_model(online)
@@ -359,7 +366,8 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
     accelerator.backward(loss)
     optimizer.step()
     counts = logs.pop("counts")
-    if accelerator.sync_gradients:
+    # host booleans: the fp16 scaler decides the skip on the host inside optimizer.step()
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         ema_update(state.target, online_ema_view, sched["ema_momentum"])
         state.groups.copy_(new_groups)
         state.seen.add_(counts)
@@ -389,16 +397,22 @@ def setup(cfg, data, accelerator):
     return online, optimizer, state
 
 
-def epoch_diagnostics(class_counts, same_group, accelerator):
-    """Interpretation 10, over the epoch: groups used, Fig. 5's mean label entropy of the used groups, % of images
-    whose two views fell into the same group."""
-    class_counts, same_group = accelerator.reduce(class_counts, "sum"), accelerator.reduce(same_group, "sum")
-    size = class_counts.sum(dim=1)  # (K,)
-    p = class_counts / size.clamp(min=1).unsqueeze(1)  # (K, C)
+def epoch_tally(num_groups, num_classes, device):
+    """The epoch's diagnostic accumulators, named as the train_step logs that feed them."""
+    return {"class_counts": torch.zeros(num_groups, num_classes, device=device),
+            **{k: torch.zeros((), dtype=torch.long, device=device) for k in ("same_group", "images")}}
+
+
+def epoch_diagnostics(tally, accelerator):
+    """Interpretation 10, over the epoch (epoch_tally's accumulators): groups used, Fig. 5's mean label entropy of the
+    used groups, % of images whose two views fell into the same group. Reads the values back (epoch end only)."""
+    tally = {k: accelerator.reduce(v, "sum") for k, v in tally.items()}
+    size = tally["class_counts"].sum(dim=1)  # (K,)
+    p = tally["class_counts"] / size.clamp(min=1).unsqueeze(1)  # (K, C)
     entropy = -(p * p.clamp(min=1e-12).log()).sum(dim=1)  # (K,), 0 for an unused group
     used = (size > 0).sum()
     return {"groups_used": int(used), "group_label_entropy": (entropy.sum() / used.clamp(min=1)).item(),
-            "same_group": (same_group[0] / same_group[1].clamp(min=1)).item() * 100}
+            "same_group": (tally["same_group"] / tally["images"].clamp(min=1)).item() * 100}
 
 
 def train(cfg: Config):
@@ -411,26 +425,23 @@ def train(cfg: Config):
     online, optimizer, state = setup(cfg, data, accelerator)
     backbone = accelerator.unwrap_model(online).backbone
 
-    def zeros():  # the epoch's diagnostic accumulators: (group, class) counts, same-group pairs
-        return (torch.zeros(cfg.num_groups, data.num_classes, device=accelerator.device),
-                torch.zeros(2, dtype=torch.long, device=accelerator.device))
-
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(*zeros(), accelerator))  # the random-init baseline
+        baseline = epoch_tally(cfg.num_groups, data.num_classes, accelerator.device)  # the random-init network
+        run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(baseline, accelerator))
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
-        class_counts, same_group = zeros()
+        tally = epoch_tally(cfg.num_groups, data.num_classes, accelerator.device)
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
             sched = schedules(cfg, step, len(loader))
             logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
-            class_counts += logs.pop("class_counts")
-            same_group += logs.pop("same_group")
+            for name, total in tally.items():
+                total += logs.pop(name)
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(class_counts, same_group, accelerator))
+        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(tally, accelerator))
         if run.stop_reason:
             break
     return run.finish(backbone, {})

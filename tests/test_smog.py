@@ -1,22 +1,27 @@
 """SMoG: the three public functions (Eqs. 3-4) against hand-computed values and loop transcriptions, limits, where
 gradient flows and where it must not; beta schedule, k-means, the periodic resets, the views; the script's own
-train_step (order and roles); and the script end to end (smoke, resume, two processes equal one and stay
-bit-identical, bad input, views on the device, no collapse on real images)."""
+train_step (order and roles, no host synchronisation, the fp16 skipped step); and the script end to end (smoke,
+resume, two processes equal one and stay bit-identical, bad input, views on the device, no collapse on real
+images)."""
 import copy
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torchvision.transforms import v2 as T
 
 import common
 import smog
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, read_metrics, run, run_resumed
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed, two_process_results
+from sync_detector import SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--num-groups", "8", "--reset-every", "3"]
 
@@ -79,7 +84,7 @@ def test_update_groups_matches_loop():
     z = torch.randn(B, D)
     assign = torch.randint(0, K - 1, (B,))  # group K-1 stays empty
     beta = 0.9
-    new, counts = smog.update_groups(groups, z, assign, beta, return_counts=True)
+    new, counts = smog.update_groups(groups, z, assign, beta), smog.group_counts(assign, K)
     for k in range(K):
         rows = [_unit(z[i].tolist()) for i in range(B) if assign[i].item() == k]
         assert counts[k].item() == len(rows)
@@ -205,8 +210,6 @@ def test_beta_schedule_end_points():
     assert smog.beta_schedule(49, 99) == pytest.approx(0.995)
     assert smog.beta_schedule(0, 100, end=0.9, kind="fixed") == 0.9
     assert smog.beta_schedule(99, 100, end=0.9, kind="fixed") == 0.9
-    with pytest.raises(ValueError, match="beta-schedule"):
-        smog.beta_schedule(0, 10, kind="cosine")
 
 
 def test_spherical_kmeans_recovers_separated_clusters():
@@ -243,15 +246,19 @@ def test_group_step_rules_hand_case():
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     z = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both rows -> group 0, mean (0, 1)
     assign, seen = torch.tensor([0, 0]), torch.tensor([2.0, 0.0])
-    avg, counts = smog.group_step(g, z, assign, "average", 0.9, seen, 0)
+    counts = smog.group_counts(assign, 2)
     assert torch.equal(counts, torch.tensor([2.0, 0.0]))
+    avg = smog.group_step(g, z, assign, counts, "average", 0.9, seen, 0)
     assert torch.allclose(avg[0], F.normalize(torch.tensor([0.5, 0.5]), dim=0)) and torch.equal(avg[1], g[1])
-    paper, _ = smog.group_step(g, z, assign, "average-paper", 0.9, seen, 0)
+    paper = smog.group_step(g, z, assign, counts, "average-paper", 0.9, seen, 0)
     assert torch.allclose(paper[0], F.normalize(torch.tensor([0.75, 0.25]), dim=0))
+    assert torch.allclose(smog.group_step(g, z, assign, counts, "latest", 0.9, seen, 0)[0], z[0])  # beta = 0
+    assert torch.allclose(smog.group_step(g, z, assign, counts, "momentum", 0.5, seen, 0)[0],
+                          F.normalize(torch.tensor([0.5, 0.5]), dim=0))
     for seed in range(20):
-        rows = torch.eye(6)
-        drawn, _ = smog.group_step(torch.zeros(4, 6), rows, torch.zeros(6, dtype=torch.long), "random", 0.9,
-                                   torch.zeros(4), seed)
+        rows, assign = torch.eye(6), torch.zeros(6, dtype=torch.long)
+        drawn = smog.group_step(torch.zeros(4, 6), rows, assign, smog.group_counts(assign, 4), "random", 0.9,
+                                torch.zeros(4), seed)
         assert drawn.argmax(1).unique().numel() == 4  # four distinct rows of the six
 
 
@@ -308,7 +315,7 @@ def test_gradient_through_groups_unless_detached(detach, rule):
     else:
         assert online.projector.weight.grad.abs().sum() > 0
     assert not new_groups.requires_grad and z_all.shape == (10, 4)
-    assert logs["class_counts"].sum() == 10 and logs["same_group"][1] == 10
+    assert logs["class_counts"].sum() == 10 and logs["images"] == 10
 
 
 def test_forward_loss_alternates_schemes_and_inits_groups_by_kmeans():
@@ -319,15 +326,18 @@ def test_forward_loss_alternates_schemes_and_inits_groups_by_kmeans():
     x1, x2 = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
     y = torch.zeros(6, dtype=torch.long)
     _, g0, z0, _ = smog.forward_loss(online, state, [x1, x2], y, cfg, 1.0, 0, _OneProcess())
+    km, _ = smog.spherical_kmeans(z0, 4, cfg.kmeans_iters, generator=common.generator(cfg.seed, "kmeans", 0))
+    # the initialisation is stored at once (it does not wait for the optimiser step, which fp16 may skip)
+    assert torch.equal(state.groups, km)
+    assert torch.allclose(g0, km, atol=1e-6)  # beta = 1 keeps the groups: the k-means of the first batch
+    other = F.normalize(torch.randn(4, 4), dim=1)
+    state.groups.copy_(other)
     _, g1, z1, _ = smog.forward_loss(online, state, [x1, x2], y, cfg, 1.0, 1, _OneProcess())
     with torch.no_grad():
         assert torch.allclose(z0, online.projector(x1.flatten(1)))  # step 0: online stream gets scheme 1
         assert torch.allclose(z1, online.projector(x2.flatten(1)))  # step 1: the schemes swap streams
-        # beta = 1 keeps the groups: they are the k-means of the first batch's online features
-        km, _ = smog.spherical_kmeans(z0, 4, cfg.kmeans_iters, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(g0, km, atol=1e-6)
     # k-means only at step 0: later steps start from the stored groups (beta = 1: unchanged up to renormalising)
-    assert torch.allclose(g1, state.groups, atol=1e-6) and not torch.allclose(g1, g0, atol=1e-3)
+    assert torch.allclose(g1, other, atol=1e-6) and torch.equal(state.groups, other)
 
 
 def test_labels_of_unlabelled_images_are_not_counted():
@@ -389,12 +399,19 @@ def test_ema_update(m):
 
 
 def test_epoch_diagnostics():
-    class_counts = torch.tensor([[4.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
-    d = smog.epoch_diagnostics(class_counts, torch.tensor([3, 4]), _OneProcess())
+    tally = smog.epoch_tally(3, 2, "cpu")
+    assert set(tally) == {"class_counts", "same_group", "images"}
+    empty = smog.epoch_diagnostics(tally, _OneProcess())
+    assert empty == {"groups_used": 0, "group_label_entropy": 0.0, "same_group": 0.0}
+    tally["class_counts"] += torch.tensor([[4.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    tally["same_group"] += 3
+    tally["images"] += 4
+    # the one place that reads the epoch's values back to the host: exactly these three reads
+    with SyncDetector() as syncs:
+        d = smog.epoch_diagnostics(tally, _OneProcess())
+    assert syncs.ops == ["_local_scalar_dense"] * 3
     assert d["groups_used"] == 2 and d["same_group"] == pytest.approx(75.0)
     assert d["group_label_entropy"] == pytest.approx((0.0 + math.log(2)) / 2)
-    empty = smog.epoch_diagnostics(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), _OneProcess())
-    assert empty == {"groups_used": 0, "group_label_entropy": 0.0, "same_group": 0.0}
 
 
 def test_defaults_are_the_papers():
@@ -455,6 +472,72 @@ def test_heads_follow_sec_3_4():
 
 
 # ----------------------------------------------------------------------------- the script's own step
+
+def _tiny_backbone(arch, cifar_stem):
+    """Stands in for smog.build_backbone: one convolution with BN (fast on CPU, BN statistics included)."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten()), 16
+
+
+def tiny_setup(cfg, accelerator):
+    """smog.setup (prepared f_theta and optimiser, momentum state) with the tiny backbone."""
+    real, smog.build_backbone = smog.build_backbone, _tiny_backbone
+    try:
+        return smog.setup(cfg, types.SimpleNamespace(cifar_stem=False, num_classes=10), accelerator)
+    finally:
+        smog.build_backbone = real
+
+
+def tiny_batches(n, size=8, seed=1):
+    """n fixed global batches: (view 1, view 2, labels) of `size` 8x8 images."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 8, 8, generator=g), torch.randn(size, 3, 8, 8, generator=g),
+             torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+TINY_CFG = dict(proj_hidden=32, proj_dim=16, num_groups=6, reset_every=3, batch_size=8, seed=3)
+SCHED = {"lr": 0.1, "beta": 0.9, "ema_momentum": 0.9}
+
+
+def ddp_case(accelerator):
+    """Five smog.train_steps per rule (momentum, random) on fixed global batches of 8, this process taking its rows
+    (tests/ddp_step.py, 1 or 2 processes): the k-means initialisation at step 0 and a periodic reset at step 3
+    (--reset-every 3). The k-means result is perturbed on every process but 0 (1e-6 on the centroids, +1 on the
+    counts), as float atomics on a GPU can make it differ in the last bits: the state stays bit-identical only because
+    kmeans_groups broadcasts process 0's result. BatchNorm in eval mode: per-process batch statistics differ by design
+    on CPU, where SyncBatchNorm is not used. -> {rule: {"kmeans_runs", "steps": per step the global loss, the
+    gradients (SMoG does not clip: the raw ones are those the optimiser uses), and the groups, group sizes, cache and
+    f^_eta after the step}}."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    exact, runs = smog.spherical_kmeans, []
+
+    def perturbed_kmeans(*args, **kwargs):
+        runs.append(1)
+        centroids, counts = exact(*args, **kwargs)
+        return centroids + 1e-6 * rank, counts + rank
+    smog.spherical_kmeans = perturbed_kmeans  # for good: the process exists to run this case
+    result = {}
+    for rule in ("momentum", "random"):
+        cfg = smog.Config(**TINY_CFG, group_update=rule)
+        set_seed(0)
+        online, optimizer, state = tiny_setup(cfg, accelerator)
+        raw = accelerator.unwrap_model(online)
+        online.eval(), state.target.eval()
+        local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+        runs.clear()
+        steps = []
+        for step, (x1, x2, labels) in enumerate(tiny_batches(5)):
+            logs = smog.train_step(online, state, optimizer, [x1[local], x2[local]], labels[local], cfg, SCHED, step,
+                                   accelerator)
+            steps.append({"loss": accelerator.reduce(logs["loss"], "mean"),
+                          "grads": {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None},
+                          "groups": state.groups.clone(), "seen": state.seen.clone(), "cache": state.cache.clone(),
+                          "target": {k: v.clone() for k, v in state.target.state_dict().items()},
+                          "same_group": accelerator.reduce(logs["same_group"], "sum"),
+                          "images": accelerator.reduce(logs["images"], "sum")})
+        result[rule] = {"steps": steps, "kmeans_runs": len(runs)}
+    return result
+
 
 def test_train_step_order_and_roles(monkeypatch):
     """smog.train_step, as train() calls it, at step 0 (view 1 to f_theta, view 2 to f^_eta), in the paper's order
@@ -543,6 +626,83 @@ def test_train_step_resets_at_the_period():
     assert torch.allclose(state.cache[:4], z, atol=1e-6)  # step 2 owns rows 0-3 of the ring buffer
 
 
+# main flags: every group rule, detached groups, without either reset, random initial groups
+SYNC_FLAGS = [{}, {"group_update": "average"}, {"group_update": "average-paper", "encoder_reset": False},
+              {"group_update": "random"}, {"group_update": "latest", "detach_groups": True},
+              {"group_init": "random", "kmeans_reset": False}]
+
+
+def _syncs_per_step(flags, steps=7):
+    """The ops that would synchronise a CUDA device, per train_step, over `steps` steps of the tiny network
+    (--reset-every 3: k-means initialisation at step 0, resets at steps 3 and 6)."""
+    cfg = smog.Config(**TINY_CFG, **flags)
+    accelerator = Accelerator(cpu=True)
+    set_seed(0)
+    online, optimizer, state = tiny_setup(cfg, accelerator)
+    ops = []
+    for step, (x1, x2, labels) in enumerate(tiny_batches(steps)):
+        with SyncDetector() as syncs:
+            smog.train_step(online, state, optimizer, [x1, x2], labels, cfg, SCHED, step, accelerator)
+        ops.append(syncs.ops)
+    return ops
+
+
+@pytest.mark.parametrize("flags", SYNC_FLAGS, ids=str)
+def test_train_step_has_no_host_sync(flags):
+    """Ordinary steps read nothing back to the host and copy no Python value to the device (train_step has no
+    logging branch: logging is run.after_step's)."""
+    ops = _syncs_per_step(flags)
+    assert [ops[s] for s in (1, 2, 4, 5)] == [[]] * 4, ops
+
+
+@pytest.mark.parametrize("flags", SYNC_FLAGS, ids=str)
+def test_kmeans_and_reset_steps_syncs(flags):
+    """The k-means initialisation (step 0) and the periodic resets (steps 3, 6) are the steps allowed to
+    synchronise; exactly these ops are seen there (none: the k-means draws on the data's device and its result is
+    broadcast, not read back), so a new one shows up here."""
+    ops = _syncs_per_step(flags)
+    assert [ops[s] for s in (0, 3, 6)] == [[]] * 3, ops
+
+
+class _SkippingAccelerator(Accelerator):
+    """Reports every optimiser step as skipped, as Accelerate does after the fp16 loss scaler found non-finite
+    gradients (the optimiser here still steps: only the report is faked)."""
+    optimizer_step_was_skipped = True
+
+
+def _momentum_state(state):
+    return {k: v.clone() for k, v in state.state_dict().items()}  # f^_eta, groups, cache, group sizes
+
+
+@pytest.mark.parametrize("skipped", [True, False])
+def test_skipped_fp16_step_leaves_momentum_state(skipped):
+    """A step the fp16 scaler skipped leaves f^_eta, the groups, the cache and the group sizes where they were; a
+    normal step moves every one of them. The k-means initialisation of step 0 is kept either way."""
+    cfg = smog.Config(**TINY_CFG, group_update="average")  # the group sizes matter to this rule
+    accelerator = (_SkippingAccelerator if skipped else Accelerator)(cpu=True)
+    set_seed(0)
+    online, optimizer, state = tiny_setup(cfg, accelerator)
+    raw = accelerator.unwrap_model(online)
+    online.eval(), state.target.eval()  # BN on running statistics: the projections below are the step's
+    (x1, x2, labels), (y1, y2, labels1) = tiny_batches(2)
+    with torch.no_grad():
+        z0 = raw.projector(raw.backbone(x1))
+    kmeans = smog.kmeans_groups(z0, cfg, 0)[0]
+    keys = [k for k, _ in state.target.named_parameters(prefix="target")] + ["groups", "cache", "seen"]
+    for step, batch in enumerate(([x1, x2], [y1, y2])):
+        before, params = _momentum_state(state), [p.clone() for p in raw.parameters()]
+        smog.train_step(online, state, optimizer, batch, (labels, labels1)[step], cfg, SCHED, step, accelerator)
+        after = _momentum_state(state)
+        assert not any(torch.equal(a, b) for a, b in zip(params, raw.parameters()))  # the optimiser did step
+        moved = {k for k in keys if not torch.equal(before[k], after[k])}
+        if not skipped:
+            assert moved == set(keys), (step, set(keys) - moved)
+        elif step == 0:  # the initialisation, not updated by the batch
+            assert moved == {"groups"} and torch.allclose(after["groups"], kmeans, atol=1e-6)
+        else:
+            assert all(torch.equal(before[k], after[k]) for k in before), step
+
+
 # ----------------------------------------------------------------------------- the script end to end
 
 
@@ -604,33 +764,35 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_two_processes_equal_one_and_stay_bit_identical(tmp_path):
-    """tests/ddp_check_smog.py: five train_steps with a k-means initialisation (step 0) and a reset (step 3), k-means
-    perturbed on process 1. Every step: loss, gradients, groups, group sizes, cache and f^_eta of 2 processes equal
-    those of 1 process (float rounding), and are the same bits on both ranks."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    run(["tests/ddp_check_smog.py", str(one)])
-    run(["tests/ddp_check_smog.py", str(two)], nproc=2)
+    """ddp_case on 1 and 2 processes: at every step of both rules, the loss, the gradients, and the groups, group
+    sizes, cache and f^_eta after the step of each rank equal those of 1 process (float rounding), and both ranks hold
+    the same bits, even with the k-means perturbed on rank 1."""
+    one, ranks = two_process_results("smog", tmp_path)
     tol = dict(atol=1e-5, rtol=1e-4)
     for rule in ("momentum", "random"):
-        a, r0, r1 = (torch.load(p / f"{rule}-rank{r}.pt") for p, r in ((one, 0), (two, 0), (two, 1)))
-        assert a["kmeans_runs"] == r0["kmeans_runs"] == r1["kmeans_runs"] == 2  # initialisation and reset
-        for step, (sa, s0, s1) in enumerate(zip(a["steps"], r0["steps"], r1["steps"])):
-            where = (rule, step)
-            assert torch.allclose(sa["loss"], s0["loss"], **tol), where
-            assert sa["grads"].keys() == s0["grads"].keys()
-            assert torch.equal(sa["same_group"], s0["same_group"]), where
-            for k in sa["grads"]:
-                assert torch.allclose(sa["grads"][k], s0["grads"][k], **tol), (where, k)
-                assert torch.equal(s0["grads"][k], s1["grads"][k]), (where, k)
+        assert one[rule]["kmeans_runs"] == 2  # initialisation and reset
+        assert all(r[rule]["kmeans_runs"] == 2 for r in ranks)
+        for step, sa in enumerate(one[rule]["steps"]):
+            s0, s1 = (r[rule]["steps"][step] for r in ranks)
+            for r, sr in enumerate((s0, s1)):
+                where = (rule, step, r)
+                assert torch.allclose(sa["loss"], sr["loss"], **tol), where
+                assert torch.equal(sa["same_group"], sr["same_group"]) and sr["images"] == sa["images"] == 8, where
+                assert sa["grads"].keys() == sr["grads"].keys() and len(sa["grads"]) > 0
+                for k in sa["grads"]:
+                    assert torch.allclose(sa["grads"][k], sr["grads"][k], **tol), (where, k)
+                for k in ("groups", "seen", "cache"):
+                    assert torch.allclose(sa[k], sr[k], **tol), (where, k)
+                for k in sa["target"]:
+                    assert torch.allclose(sa["target"][k].float(), sr["target"][k].float(), **tol), (where, k)
+            for k in s0["grads"]:
+                assert torch.equal(s0["grads"][k], s1["grads"][k]), (rule, step, k)
             for k in ("groups", "seen", "cache"):
-                assert torch.allclose(sa[k], s0[k], **tol), (where, k)
-                assert torch.equal(s0[k], s1[k]), (where, k)  # bit-identical on every rank
-            for k in sa["target"]:
-                assert torch.allclose(sa["target"][k].float(), s0["target"][k].float(), **tol), (where, k)
-                assert torch.equal(s0["target"][k], s1["target"][k]), (where, k)
+                assert torch.equal(s0[k], s1[k]), (rule, step, k)  # bit-identical on every rank
+            for k in s0["target"]:
+                assert torch.equal(s0["target"][k], s1["target"][k]), (rule, step, k)
         # the gradient through the groups reaches the projector (a detached update would leave only the predictor)
-        assert any(k.startswith("projector") and v.abs().sum() > 0 for k, v in a["steps"][0]["grads"].items())
+        assert any(k.startswith("projector") and v.abs().sum() > 0 for k, v in one[rule]["steps"][0]["grads"].items())
 
 
 def test_two_process_training_run(tmp_path):
