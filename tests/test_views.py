@@ -6,6 +6,7 @@ and blur as matrix products, hue in closed form), so they agree to float32 round
 after normalisation (dividing by std ~ 0.25 scales errors by 4). Against torchvision's uint8 kernels the bound is
 one grey level: they round their result to uint8 (0.5 level) with fixed-point weights.
 """
+import dataclasses
 import math
 import warnings
 
@@ -293,6 +294,149 @@ def test_torchvision_view_omits_ops_with_probability_zero():
     pil = F.to_pil_image(images(1)[0])
     out = torchvision_view(BYOL, 24, MEAN_STD)(pil)
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- every ViewSpec field reaches both paths
+# A table over dataclasses.fields(ViewSpec): for each field a value its default does not have (with the other fields
+# it needs to act, e.g. a blur probability for the blur sigma), a check of the batched path (the parameters
+# sample_view_params draws, and apply_view's output) and one of the torchvision pipeline. Each check must pass with
+# the value and fail without it, so it does look at the field. A new field without a row fails.
+
+SIDE, ROW_N, PLAIN = 32, 256, ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # PLAIN: no normalisation, pixels stay in [0, 1]
+ROW_IMAGES = images(ROW_N, SIDE, SIDE, seed=7)
+
+
+def changed(out, ref):
+    """Fraction of the samples that differ."""
+    return ((out - ref).abs().amax((1, 2, 3)) > 1e-4).float().mean().item()
+
+
+def batched(spec, **forced):
+    """(params of ROW_N samples, apply_view's output) for a spec; `forced` replaces a boolean mask by all False."""
+    p = sample_view_params(spec, ROW_N, (SIDE, SIDE), SIDE, torch.Generator().manual_seed(5), "cpu")
+    p = {**p, **{k: torch.zeros_like(p[k]) for k in forced}}
+    return p, apply_view(ROW_IMAGES, p, spec, SIDE, PLAIN)
+
+
+def tv_op(spec, kind):
+    """(the one `kind` operation of the torchvision pipeline, its probability); RandomApply unpacked."""
+    found = []
+    for t in torchvision_view(spec, SIDE, PLAIN).transforms:
+        found += ([(u, t.p) for u in t.transforms] if isinstance(t, T.RandomApply) else [(t, getattr(t, "p", 1.0))])
+    found = [(op, p) for op, p in found if isinstance(op, kind)]
+    assert len(found) == 1, f"{len(found)} {kind.__name__} in the torchvision pipeline"
+    return found[0]
+
+
+def crop_scale_batched(spec):  # area 0.25 * 32^2 = 256 for every sample, through the rounding of w and h
+    p, _ = batched(spec)
+    h, w = p["height"].double(), p["width"].double()
+    assert not p["fallback"].any() and ((h + 0.5) * (w + 0.5) >= 256).all() and ((h - 0.5) * (w - 0.5) <= 256).all()
+
+
+def crop_ratio_batched(spec):  # width / height 2 for every sample (the fallback box is 16 x 32: 2 as well)
+    p, _ = batched(spec)
+    h, w = p["height"].double(), p["width"].double()
+    assert ((w + 0.5) / (h - 0.5) >= 2).all() and ((w - 0.5) / (h + 0.5) <= 2).all()
+
+
+def flip_batched(spec):  # every sample flipped, and the output is the mirror image of the unflipped one
+    p, out = batched(spec)
+    assert p["flip"].all()
+    assert torch.allclose(out, F.hflip(batched(spec, flip=True)[1]), atol=1e-6, rtol=0)
+
+
+def jitter_batched(spec):  # factors spread over brightness [0.5, 1.5], contrast [0.7, 1.3], saturation [0.8, 1.2],
+    p, out = batched(spec)  # hue [-0.1, 0.1]; and the output is not the un-jittered one
+    for name, (lo, hi) in [("brightness", (0.5, 1.5)), ("contrast", (0.7, 1.3)), ("saturation", (0.8, 1.2)),
+                           ("hue", (-0.1, 0.1))]:
+        v = p[name]
+        assert lo - 1e-6 <= v.min() and v.max() <= hi + 1e-6 and v.max() - v.min() >= 0.9 * (hi - lo), name
+    assert changed(out, batched(spec, jitter=True)[1]) >= 0.9
+
+
+def jitter_p_batched(spec):
+    p, out = batched(spec)
+    assert p["jitter"].all() and changed(out, batched(spec, jitter=True)[1]) >= 0.9
+
+
+def gray_batched(spec):  # every output grey: three equal channels
+    p, out = batched(spec)
+    assert p["gray"].all() and torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+
+
+def blur_batched(spec):  # every sample blurred: torchvision's 3 x 3 blur (2 * (32 // 20) + 1) at its own sigma
+    p, out = batched(spec)
+    sharp = batched(spec, blur=True)[1]
+    assert p["blur"].all() and all((out[i] - F.gaussian_blur(sharp[i], [3, 3], [p["sigma"][i].item()] * 2)).abs().max()
+                                   <= 1e-5 for i in range(8))
+
+
+def blur_sigma_batched(spec):  # sigma 1.5 drawn for every sample and used: torchvision's 3 x 3 blur at sigma 1.5
+    p, out = batched(spec)
+    assert (p["sigma"] == 1.5).all()
+    sharp = batched(spec, blur=True)[1]
+    assert all((out[i] - F.gaussian_blur(sharp[i], [3, 3], [1.5, 1.5])).abs().max() <= 1e-5 for i in range(8))
+
+
+def blur_kernel_batched(spec):  # a 5 x 5 kernel, each sample at its own sigma
+    p, out = batched(spec)
+    sharp = batched(spec, blur=True)[1]
+    assert all((out[i] - F.gaussian_blur(sharp[i], [5, 5], [p["sigma"][i].item()] * 2)).abs().max() <= 1e-5
+               for i in range(8))
+
+
+def solarize_batched(spec):  # every sample solarised: x -> 1 - x where x >= 0.5
+    p, out = batched(spec)
+    plain = batched(spec, solarize=True)[1]
+    assert p["solarize"].all() and torch.allclose(out, torch.minimum(plain, 1 - plain), atol=1e-6, rtol=0)
+
+
+SPEC_ROWS = {  # field: (value, the other fields it needs, batched check, torchvision check)
+    "crop_scale": ((0.25, 0.25), {}, crop_scale_batched,
+                   lambda s: tv_op(s, T.RandomResizedCrop)[0].scale == (0.25, 0.25) or fail()),
+    "crop_ratio": ((2.0, 2.0), {}, crop_ratio_batched,
+                   lambda s: tv_op(s, T.RandomResizedCrop)[0].ratio == (2.0, 2.0) or fail()),
+    "flip_p": (1.0, {}, flip_batched, lambda s: tv_op(s, T.RandomHorizontalFlip)[0].p == 1.0 or fail()),
+    "jitter": ((0.5, 0.3, 0.2, 0.1), dict(jitter_p=1.0), jitter_batched,
+               lambda s: [getattr(tv_op(s, T.ColorJitter)[0], k) for k in ("brightness", "contrast", "saturation",
+                          "hue")] == [(0.5, 1.5), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)] or fail()),
+    "jitter_p": (1.0, dict(jitter=(0.4, 0.4, 0.4, 0.1)), jitter_p_batched,
+                 lambda s: tv_op(s, T.ColorJitter)[1] == 1.0 or fail()),
+    "gray_p": (1.0, {}, gray_batched, lambda s: tv_op(s, T.RandomGrayscale)[0].p == 1.0 or fail()),
+    "blur_p": (1.0, {}, blur_batched, lambda s: tv_op(s, T.GaussianBlur)[1] == 1.0 or fail()),
+    "blur_sigma": ((1.5, 1.5), dict(blur_p=1.0), blur_sigma_batched,
+                   lambda s: list(tv_op(s, T.GaussianBlur)[0].sigma) == [1.5, 1.5] or fail()),
+    "blur_kernel": (5, dict(blur_p=1.0), blur_kernel_batched,
+                    lambda s: tv_op(s, T.GaussianBlur)[0].kernel_size == (5, 5) or fail()),
+    "solarize_p": (1.0, {}, solarize_batched,
+                   lambda s: (tv_op(s, T.RandomSolarize)[0].p, tv_op(s, T.RandomSolarize)[0].threshold) == (1.0, 128)
+                   or fail()),
+}
+
+
+def fail():
+    raise AssertionError("the torchvision pipeline does not carry the spec's value")
+
+
+def test_every_viewspec_field_has_a_row():
+    fields = {f.name: f.default for f in dataclasses.fields(ViewSpec)}
+    assert set(SPEC_ROWS) == set(fields), f"fields without a row: {sorted(set(fields) - set(SPEC_ROWS))}"
+    assert all(value != fields[name] for name, (value, *_) in SPEC_ROWS.items())
+
+
+@pytest.mark.parametrize("field", list(SPEC_ROWS))
+def test_viewspec_field_reaches_the_sampled_parameters_and_both_pipelines(field):
+    value, needs, batched_check, torchvision_check = SPEC_ROWS[field]
+    spec, without = ViewSpec(**needs, **{field: value}), ViewSpec(**needs)
+    batched_check(spec)
+    torchvision_check(spec)
+    for check in (batched_check, torchvision_check):  # each check looks at the field: it fails at the default
+        with pytest.raises(AssertionError):
+            check(without)
+    p, out = batched(spec)  # and apply_view applies what was drawn, as torchvision's ops would
+    for i in range(4):
+        assert (out[i] - reference_view(ROW_IMAGES[i], p, i, spec, SIDE, PLAIN)).abs().max() <= 1e-5
 
 
 # ----------------------------------------------------------------------------- DeviceViews
