@@ -196,9 +196,8 @@ class MomentumState(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher, student, m):
-    """Eq. (6): theta_t <- m * theta_t + (1 - m) * theta_s, one fused call over all parameters. BN running statistics
-    are copied (the teacher runs in train mode, so they only matter for whoever evaluates the teacher)."""
-    # Eq. (6), fused over the parameter lists (the same arithmetic as p_t.mul_(m).add_(p_s, alpha=1 - m))
+    """Eq. (6): theta_t <- m * theta_t + (1 - m) * theta_s, fused over all parameters. BN running statistics are
+    copied (the teacher runs in train mode, so they only matter for whoever evaluates the teacher)."""
     params = list(teacher.parameters())
     torch._foreach_mul_(params, m)
     torch._foreach_add_(params, [p.detach() for p in student.parameters()], alpha=1 - m)
@@ -266,13 +265,12 @@ def check_config(cfg, num_processes):
 
 def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
     """The loss of this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` (global optimiser
-    step) seeds the shuffle of shuffle BN, used when teacher_bn_splits(cfg) > 1."""
+    step) seeds the shuffle of shuffle BN (drawn on the device: no host copy), used when teacher_bn_splits(cfg) > 1."""
     x_s, x_t = views  # strong view for the student, weak (or strong) for the teacher
     p = student(x_s)  # (B, D)
     with torch.no_grad(), accelerator.autocast():
         if teacher_bn_splits(cfg) > 1:
             x_all = accelerator.gather(x_t.contiguous())  # (N, C, H, W)
-            # drawn on the device: no host-to-device copy in the step
             shuffle = torch.randperm(len(x_all), device=x_all.device,
                                      generator=common.generator(cfg.seed, "shuffle-bn", step, device=x_all.device))
             rank, b = accelerator.process_index, len(x_t)
@@ -286,8 +284,9 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
         # Fig. 2 diagnostic: does the teacher's most similar queue entry (argmax p^2) share the query's label?
         keys = F.normalize(z_t.float(), dim=1)
         nn_labels = state.queue_labels[(keys @ state.queue.T).argmax(dim=1)]
-        nn_match = torch.stack([((nn_labels == labels) & (nn_labels >= 0)).sum(), (nn_labels >= 0).sum()])
-    return loss, keys, {"relation": rel.detach(), "infonce": nce.detach(), "nn_match": nn_match}
+        labelled = nn_labels >= 0  # the initial random entries have no label
+    return loss, keys, {"relation": rel.detach(), "infonce": nce.detach(),
+                        "nn_same_label": (labelled & (nn_labels == labels)).sum(), "nn_labelled": labelled.sum()}
 
 
 def train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator):
@@ -299,7 +298,7 @@ def train_step(student, state, optimizer, views, labels, cfg, sched, step, accel
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    if accelerator.sync_gradients:
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:  # fp16 skipped it: nothing moves
         raw = accelerator.unwrap_model(student)
         ema_update(state.teacher, nn.Sequential(raw.backbone, raw.projector), sched["ema_momentum"])
         state.ptr.copy_(enqueue(state.queue, state.queue_labels, state.ptr, accelerator.gather(keys),
@@ -330,10 +329,10 @@ def setup(cfg, data, accelerator):
     return student, optimizer, state
 
 
-def epoch_diagnostics(nn_match, accelerator):
-    """Fig. 2's check, over the epoch: % of teacher keys whose nearest queue entry has the query's label."""
-    m = accelerator.reduce(nn_match, "sum")
-    return {"teacher_nn_same_label": (m[0] / m[1].clamp(min=1)).item() * 100}
+def epoch_diagnostics(same_label, labelled, accelerator):
+    """Fig. 2's check, over the epoch: % of teacher keys whose nearest labelled queue entry has the query's label."""
+    same_label, labelled = accelerator.reduce(torch.stack([same_label, labelled]), "sum")  # one collective
+    return {"teacher_nn_same_label": (same_label / labelled.clamp(min=1)).item() * 100}
 
 
 def train(cfg: Config):
@@ -349,20 +348,21 @@ def train(cfg: Config):
 
     start_epoch, done = run.resume()
     step = start_epoch * len(loader) + done
-    nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
+    same_label = labelled = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    diagnostics = lambda query: epoch_diagnostics(same_label, labelled, accelerator)  # reads the counts when called
     if step == 0 and cfg.eval_every:
-        run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(nn_match, accelerator))  # the random-init baseline
+        run.monitor(0, 0, backbone, diagnostics)  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         student.train()
-        nn_match = torch.zeros(2, device=accelerator.device, dtype=torch.long)
+        same_label = labelled = torch.zeros((), device=accelerator.device, dtype=torch.long)
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
             sched = schedules(cfg, step, len(loader))
             logs = train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
-            nn_match += logs.pop("nn_match")
+            same_label, labelled = same_label + logs.pop("nn_same_label"), labelled + logs.pop("nn_labelled")
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(nn_match, accelerator))
+        run.end_epoch(epoch + 1, step, backbone, diagnostics)
         if run.stop_reason:
             break
     return run.finish(backbone, {})

@@ -1,18 +1,24 @@
 """ReSSL: losses against hand-computed values and loop transcriptions, momentum/queue updates, and the script
-end to end (smoke, resume, two processes, bad input, learning on real images)."""
+end to end (smoke, resume, two processes, bad input), a train step free of host synchronisations, and a step fp16
+skipped."""
 import copy
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.overrides import TorchFunctionMode
 
 import ressl
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, read_metrics, run, run_resumed
+from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
+from sync_detector import SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
 
@@ -167,7 +173,6 @@ def test_split_batchnorm_normalises_each_chunk_alone(shape):
 
 def test_shuffle_bn_encodes_groups_of_the_shuffled_batch():
     """One process, 2 BN groups: the output equals encoding each half of the permutation on its own."""
-    from accelerate import Accelerator
     teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     split = ressl.to_split_bn(copy.deepcopy(teacher), 2)
     x = torch.randn(8, 3)
@@ -206,29 +211,59 @@ def test_resume_equals_uninterrupted(flags, tmp_path):
     assert torch.equal(qa["queue"], qb["queue"]) and torch.equal(qa["ptr"], qb["ptr"])
 
 
-def test_two_processes_equal_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    run(["tests/ddp_check.py", str(one)])
-    run(["tests/ddp_check.py", str(two)], nproc=2)
-    runs = [torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt")]
-    assert set(runs[0]) == {"global_bn", "shuffle_bn"}  # the default, and --no-predictor with shuffle BN
+def ddp_case(accelerator, *args):
+    """tests/ddp_step.py: one ressl.train_step (setup() as the script runs it) on a fixed global batch of 8, this
+    process taking its rows. No args: the default (predictor, global BN); "shuffle": --no-predictor with shuffle BN
+    over 2 teacher groups. The student's BN is held in eval mode (per-process batch statistics differ by design on
+    CPU, where SyncBatchNorm is not used); the shuffle-BN teacher runs in train mode, since its groups do not depend
+    on the number of processes."""
+    shuffle = args == ("shuffle",)
+    cfg, student, optimizer, state = _setup(accelerator, ema_momentum=0.9,
+                                            **({"predictor": False, "bn_splits": 2} if shuffle else {}))
+    g = torch.Generator().manual_seed(1)
+    B, K = 8, len(state.queue)
+    x_s, x_t = torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 10, (B,), generator=g)
+    state.queue.copy_(F.normalize(torch.randn(K, cfg.proj_dim, generator=g), dim=1))
+    state.queue_labels.copy_(torch.randint(0, 10, (K,), generator=g))
+    state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
+    student.eval()
+    state.teacher.train(shuffle)
+    rows = slice(accelerator.process_index * B // accelerator.num_processes,
+                 (accelerator.process_index + 1) * B // accelerator.num_processes)
+    sched = {"lr": 0.1, "alpha": 0.5, "ema_momentum": 0.9}  # alpha < 1: both loss terms
+    logs = ressl.train_step(student, state, optimizer, [x_s[rows], x_t[rows]], labels[rows], cfg, sched, 3,
+                            accelerator)
+    raw = accelerator.unwrap_model(student)
+    # no gradient clipping in ressl: the gradients after backward are the raw ones and the ones SGD used
+    return {"loss": accelerator.reduce(logs["loss"], "mean"), "relation": accelerator.reduce(logs["relation"], "mean"),
+            "grads": {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None},
+            "student": {k: v.clone() for k, v in raw.state_dict().items()},
+            "teacher": {k: v.clone() for k, v in state.teacher.state_dict().items()},
+            "queue": state.queue.clone(), "queue_labels": state.queue_labels.clone(), "ptr": state.ptr.clone()}
+
+
+@pytest.mark.parametrize("case", ["default", "shuffle"])
+def test_two_processes_equal_one(case, tmp_path):
+    """Loss, gradients, the student after SGD, the teacher after the EMA and the queue after the enqueue: each rank
+    of 2 processes equals 1 process on the same global batch."""
+    one, ranks = two_process_results("ressl", tmp_path, *([] if case == "default" else [case]))
     # the shuffle-BN teacher runs in train mode on 8 images in one process and on 4 in each of two, with the default
     # thread count in the first: float rounding then differs (about 2e-6 on gradients of 0.03-2.3), amplified by
     # 1/tau_t = 25; a wrong grouping or order would differ by orders of magnitude more
-    tol = {"global_bn": dict(atol=1e-6), "shuffle_bn": dict(atol=1e-5, rtol=1e-4)}
-    for case in runs[0]:
-        a, r0, r1 = (r[case] for r in runs)
-        assert torch.allclose(a["loss"], r0["loss"], **tol[case]), case
-        assert torch.allclose(a["relation"], r0["relation"], **tol[case]), case
-        for k in a["grads"]:
-            assert torch.allclose(a["grads"][k], r0["grads"][k], **tol[case]), (case, k)
-            assert torch.allclose(r0["grads"][k], r1["grads"][k], atol=0), (case, k)
-        for r in (r0, r1):  # queues and teacher identical on every rank, and equal to the 1-process run
-            assert torch.allclose(a["queue"], r["queue"], atol=1e-6), case
-            assert torch.equal(a["queue_labels"], r["queue_labels"]) and a["ptr"].item() == r["ptr"].item() == 4
-            assert all(torch.allclose(a["teacher"][k], r["teacher"][k], atol=1e-6) for k in a["teacher"]), case
-        assert torch.equal(r0["queue"], r1["queue"])
+    tol = dict(atol=1e-6) if case == "default" else dict(atol=1e-5, rtol=1e-4)
+    assert one["grads"] and one["grads"].keys() == ranks[0]["grads"].keys() == ranks[1]["grads"].keys()
+    for r in ranks:
+        assert torch.allclose(one["loss"], r["loss"], **tol) and torch.allclose(one["relation"], r["relation"], **tol)
+        for k in one["grads"]:
+            assert torch.allclose(one["grads"][k], r["grads"][k], **tol), k
+            assert torch.equal(r["grads"][k], ranks[0]["grads"][k]), k  # all-reduced: the same on every rank
+        for k in one["student"]:  # after SGD at lr 0.1 on those gradients
+            assert torch.allclose(one["student"][k], r["student"][k], **tol), k
+        for k in one["teacher"]:
+            assert torch.allclose(one["teacher"][k], r["teacher"][k], atol=1e-6), k
+        assert torch.allclose(one["queue"], r["queue"], atol=1e-6) and torch.equal(r["queue"], ranks[0]["queue"])
+        assert torch.equal(one["queue_labels"], r["queue_labels"]) and one["ptr"].item() == r["ptr"].item() == 4
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"]], ids=["default", "shuffle_bn"])
@@ -251,9 +286,11 @@ def test_two_process_training_run(flags, tmp_path):
     (["--no-predictor"], "--bn-splits 8 (shuffle BN) must divide --batch-size 8 into groups of at least 2"),
     (["--bn-splits", "3"], "--bn-splits 3 (shuffle BN) must divide --batch-size 8"),
 ])
-def test_bad_input_gives_one_clear_message(args, message):
-    p = run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *args], check=False)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_bad_input_gives_one_clear_message(args, message, capsys, tmp_path):
+    """Runs the command line in this process (as `python ressl.py ...` would, without the start-up cost)."""
+    code, lines = cli_error("ressl.py", [*TINY, *HEADS, "--epochs", "1", "--output-dir", str(tmp_path), *args], capsys)
+    assert code == 2 and "error:" in lines[-1] and message in lines[-1], lines[-3:]
+    assert not any("Traceback" in line for line in lines)
 
 
 # ----------------------------------------------------------------------------- the script's own step
@@ -262,17 +299,22 @@ def test_train_step_order_and_roles(monkeypatch):
     """ressl.train_step, as train() calls it: the loss sees the queue as it was BEFORE the batch; the teacher moves
     toward the updated student by Eq. (6) (teacher <- m teacher + (1 - m) student, not the reverse); the queue then
     holds the teacher's keys of the teacher's (weak) view."""
-    from accelerate import Accelerator
     accelerator = Accelerator(cpu=True)
     cfg = ressl.Config(proj_hidden=32, proj_dim=16, ema_momentum=0.5)
     torch.manual_seed(0)
     student = ressl.Student(cfg, cifar_stem=False)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     state = ressl.MomentumState(student, 16, cfg.proj_dim)
-    x_s, x_t, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.arange(4)
-    queue_before, teacher_before = state.queue.clone(), copy.deepcopy(state.teacher)
+    x_s, x_t = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, -1, 2, 3])  # -1: an image without a label (STL-10's unlabelled split)
+    teacher_before = copy.deepcopy(state.teacher)
     with torch.no_grad():
         expected_keys = F.normalize(teacher_before(x_t), dim=1)  # the teacher's keys of ITS view
+    # Fig. 2's counts: each key's nearest queue entry is itself; label -1 (an initial entry or an unlabelled image)
+    # is not counted, not even against the query's -1
+    state.queue[:4] = expected_keys
+    state.queue_labels[:4] = torch.tensor([0, -1, 2, 4])
+    queue_before = state.queue.clone()
     seen = {}
     real = ressl.relation_loss
 
@@ -281,7 +323,8 @@ def test_train_step_order_and_roles(monkeypatch):
         return real(z_s, z_t, queue, *a, **k)
     monkeypatch.setattr(ressl, "relation_loss", spy)
     sched = {"lr": 0.1, "alpha": 1.0, "ema_momentum": cfg.ema_momentum}
-    ressl.train_step(student, state, optimizer, [x_s, x_t], labels, cfg, sched, 0, accelerator)
+    logs = ressl.train_step(student, state, optimizer, [x_s, x_t], labels, cfg, sched, 0, accelerator)
+    assert logs["nn_labelled"].item() == 3 and logs["nn_same_label"].item() == 2
     assert torch.equal(seen["queue"], queue_before)  # the loss saw the queue before this batch entered it
     online = dict(nn.Sequential(student.backbone, student.projector).named_parameters())
     for name, p in state.teacher.named_parameters():
@@ -289,3 +332,81 @@ def test_train_step_order_and_roles(monkeypatch):
         assert torch.allclose(p, 0.5 * before + 0.5 * online[name].detach(), atol=1e-6), name
     assert torch.allclose(state.queue[:4], expected_keys, atol=1e-5) and torch.equal(state.queue[4:], queue_before[4:])
     assert state.ptr.item() == 4 and torch.equal(state.queue_labels[:4], labels)
+
+
+def _setup(accelerator, **kw):
+    """The script's own setup() with a ResNet-18 on 32-px images (standard stem) and narrow heads -> (cfg, student,
+    optimizer, state)."""
+    cfg = ressl.Config(proj_hidden=32, proj_dim=16, queue_size=16, batch_size=8, **kw)
+    set_seed(0)
+    return (cfg, *ressl.setup(cfg, SimpleNamespace(cifar_stem=False, size=32), accelerator))
+
+
+class HostTensors(TorchFunctionMode):
+    """What SyncDetector cannot see on the CPU: tensors built on the host inside the step (a factory given no device)
+    and `.to(device)` / `.cuda()` calls, each a host-to-device copy when the step runs on CUDA."""
+
+    FACTORIES = {torch.randperm, torch.randint, torch.rand, torch.randn, torch.arange, torch.zeros, torch.ones,
+                 torch.empty, torch.full, torch.tensor, torch.as_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        to_device = name in ("to", "cuda") and ("device" in kwargs or any(isinstance(a, (torch.device, str))
+                                                                         for a in args[1:]))
+        if (func in self.FACTORIES and kwargs.get("device") is None) or to_device:
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kw", [{}, {"infonce_warmup": False}, {"predictor": False, "bn_splits": 2},
+                                {"bn_splits": 2}], ids=["default", "no_warmup", "shuffle_bn", "predictor_shuffle_bn"])
+def test_train_step_never_waits_for_the_device(kw):
+    """Three train_steps (InfoNCE warm-up on and off; global BN, and shuffle BN with and without the predictor): no op
+    that would make the host wait for a CUDA device, and no tensor built on the host. ressl's step has no logging or
+    reset branch: every step must be free of them."""
+    accelerator = Accelerator(cpu=True)
+    cfg, student, optimizer, state = _setup(accelerator, **kw)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        views = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+        labels = torch.randint(0, 10, (4,), generator=g)
+        sched = ressl.schedules(cfg, step, steps_per_epoch=2)
+        with SyncDetector() as syncs, HostTensors() as host:
+            ressl.train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
+        assert syncs.ops == [] and host.calls == [], (step, syncs.ops, host.calls)
+    assert state.ptr.item() == 12  # three steps really ran
+
+
+def test_epoch_diagnostics_is_the_one_sync():
+    """The Fig. 2 percentage reads one value on the host, at the end of an epoch (one all-reduce on several GPUs)."""
+    accelerator = Accelerator(cpu=True)
+    same_label, labelled, none = torch.tensor(3), torch.tensor(4), torch.tensor(0)
+    with SyncDetector() as syncs:
+        d = ressl.epoch_diagnostics(same_label, labelled, accelerator)
+    assert d == {"teacher_nn_same_label": 75.0} and syncs.ops == ["_local_scalar_dense"]
+    assert ressl.epoch_diagnostics(none, none, accelerator) == {"teacher_nn_same_label": 0.0}  # no labelled entry yet
+
+
+@pytest.mark.parametrize("skipped", [True, False])
+def test_a_step_fp16_skipped_moves_no_momentum_state(skipped):
+    """When GradScaler skips the optimiser step (inf gradients), teacher, queue, labels and pointer stay as they were;
+    after a real step all of them move. A stand-in Accelerator reports the skip (on the CPU there is no fp16 scaler)."""
+    class Skipping(Accelerator):
+        optimizer_step_was_skipped = property(lambda self: skipped)
+    accelerator = Skipping(cpu=True)
+    cfg, student, optimizer, state = _setup(accelerator)
+    views, labels = [torch.randn(4, 3, 32, 32) for _ in range(2)], torch.arange(4)
+    # the teacher's BN running statistics are left out: its own train-mode forward moves them, and every step that is
+    # not skipped overwrites them with the student's
+    momentum_state = lambda: {"queue": state.queue, "queue_labels": state.queue_labels, "ptr": state.ptr,
+                              **{f"teacher.{n}": p for n, p in state.teacher.named_parameters()}}
+    before = {k: v.clone() for k, v in momentum_state().items()}
+    ressl.train_step(student, state, optimizer, views, labels, cfg, {"lr": 0.1, "alpha": 0.5, "ema_momentum": 0.9}, 0,
+                     accelerator)
+    moved = {k for k, v in momentum_state().items() if not torch.equal(v, before[k])}
+    assert moved == (set() if skipped else set(before)), set(before) - moved
