@@ -35,10 +35,19 @@ CIFAR10_MEAN_STD = common.MEAN_STD["cifar10"]
 
 
 def load_images(data_zip, n):
-    """n (PIL image, label) pairs: the first n train images of an ImageFolder zip, or synthetic ones."""
+    """n (PIL image, label) pairs spread over the train images of an ImageFolder (a zip, or an extracted folder with
+    train/<class>/*), or synthetic ones."""
     if not data_zip:
         fake = common.FakeImages(n, image_size=32)
         return [fake[i] for i in range(n)]
+    if os.path.isdir(data_zip):
+        root = os.path.join(data_zip, "train")
+        names = sorted(os.path.join(c, x) for c in os.listdir(root) for x in os.listdir(os.path.join(root, c))
+                       if x.endswith((".jpg", ".png")))
+        step = max(1, len(names) // n)
+        classes = sorted(os.listdir(root))
+        return [(Image.open(os.path.join(root, x)).convert("RGB"), classes.index(x.split(os.sep)[0]))
+                for x in names[::step][:n]]
     with zipfile.ZipFile(data_zip) as z:
         names = sorted(x for x in z.namelist() if x.startswith("train/") and x.endswith((".jpg", ".png")))
         classes = sorted({x.split("/")[1] for x in names})
@@ -137,7 +146,8 @@ def main():
     p.add_argument("--tv-samples", type=int, default=256, help="images for the torchvision measurement")
     p.add_argument("--data-batch", type=int, default=256, help="batch of the batched-views measurement")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the workers path")
-    p.add_argument("--data-zip", default=os.environ.get("CIFAR10_JPEG_ZIP", ""), help="ImageFolder zip of 32-px images")
+    p.add_argument("--data-zip", default=os.environ.get("CIFAR10_JPEG_ZIP", ""),
+                   help="ImageFolder zip (or extracted folder) of 32-px images")
     p.add_argument("--mixed-precision", default="", help="default: bf16 on cuda, no on cpu")
     args = p.parse_args()
     cuda = args.device == "cuda"

@@ -115,12 +115,42 @@ def top_k(logits, labels, ks=(1, 5)):
     return [(top[:, :k] == labels[:, None]).any(1).float().mean().item() * 100 for k in ks]
 
 
+def make_classifier(cfg, feat_dim, num_classes):
+    """The linear classifier, its SGD optimiser and the lr schedule (x 0.1 at each of --milestones) -> all three."""
+    classifier = nn.Linear(feat_dim, num_classes)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, parse_milestones(cfg.milestones), 0.1)
+    return classifier, optimizer, scheduler
+
+
+def train_step(classifier, backbone, optimizer, x, y, cfg, accelerator):
+    """One SGD step of the linear classifier on a batch: images through the frozen backbone, or with --cached its
+    features -> the loss (0-dim tensor)."""
+    x, y = x.to(accelerator.device), y.to(accelerator.device)
+    if not cfg.cached:
+        with torch.no_grad(), accelerator.autocast():
+            x = backbone(x)
+    loss = F.cross_entropy(classifier(x.float()), y)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss) if not cfg.cached else loss.backward()  # --cached: classifier not prepared
+    optimizer.step()
+    return loss.detach()
+
+
+def train_epoch(classifier, backbone, optimizer, scheduler, loader, cfg, accelerator):
+    """One epoch of train_step over `loader`, then the epoch's step of the lr schedule (--milestones)."""
+    for x, y in loader:
+        train_step(classifier, backbone, optimizer, x, y, cfg, accelerator)
+    scheduler.step()
+
+
 def evaluate(cfg: EvalConfig):
     check_config(cfg)
     accelerator = Accelerator()
     set_seed(cfg.seed)
     backbone, meta = load_backbone(cfg.backbone)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         _, train, test, num_classes, _, _ = common.get_datasets(cfg.dataset, cfg.data_dir, cfg.fake_size)
     size, mean_std = meta["image_size"], tuple(map(tuple, meta["mean_std"]))
     eval_tf = common.eval_transform(size, mean_std)
@@ -140,11 +170,7 @@ def evaluate(cfg: EvalConfig):
         pred = common.knn_predict(train_x, train_y, test_x, num_classes).argmax(1)
         result["knn_top1"] = (pred == test_y).float().mean().item() * 100
 
-    classifier = nn.Linear(test_x.shape[1], num_classes)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    milestones = parse_milestones(cfg.milestones)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    classifier, optimizer, scheduler = make_classifier(cfg, test_x.shape[1], num_classes)
     if cfg.cached:  # features computed once; each process trains on all of them (a linear layer is cheap)
         train_loader = DataLoader(TensorDataset(train_x.cpu(), train_y.cpu()), batch_size=cfg.batch_size,
                                   shuffle=True, drop_last=False)
@@ -153,16 +179,7 @@ def evaluate(cfg: EvalConfig):
         train_loader = common.make_loader(common.Transformed(train, train_tf), cfg.batch_size, n, True, cfg.num_workers)
         classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
     for epoch in tqdm(range(cfg.epochs), desc="linear", disable=not accelerator.is_local_main_process):
-        for x, y in train_loader:
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
-            if not cfg.cached:
-                with torch.no_grad(), accelerator.autocast():
-                    x = backbone(x)
-            loss = F.cross_entropy(classifier(x.float()), y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss) if not cfg.cached else loss.backward()
-            optimizer.step()
-        scheduler.step()
+        train_epoch(classifier, backbone, optimizer, scheduler, train_loader, cfg, accelerator)
     with torch.no_grad():
         result["top1"], result["top5"] = top_k(accelerator.unwrap_model(classifier)(test_x), test_y)
     result["config"] = dataclasses.asdict(cfg)

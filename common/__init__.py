@@ -16,8 +16,9 @@ Everything a paper describes lives in its own script.
 from .config import (BaseConfig, RUN_ONLY_FIELDS, UserError, check_base_config, check_divides, generator,
                      parse_config, require, run_main, seed_for)
 from .data import (DEVICE_BUDGET_BYTES, IMAGE_SIZE, IMAGENET_MEAN_STD, MEAN_STD, DeviceViews, FakeImages, MultiView,
-                   Transformed, WorkerViews, check_enough_images, eval_transform, get_datasets, load_data,
-                   make_loader, per_process_batch, train_views)
-from .run import (NonFiniteLoss, Run, effective_rank, extract_features, fast_model, knn_predict, knn_top1,
-                  latest_checkpoint, make_accelerator, plain_name, provenance, save_backbone)
+                   Transformed, WorkerViews, check_enough_images, device_bytes, eval_batch, eval_transform, get_datasets,
+                   load_data, make_loader, per_process_batch, train_views)
+from .run import (PROCESS_GROUP_TIMEOUT, NonFiniteLoss, Run, effective_rank, extract_features,
+                  extract_features_on_device, fast_model, knn_predict, knn_top1, latest_checkpoint, make_accelerator,
+                  plain_name, provenance, save_backbone)
 from .views import ViewSpec, apply_view, batched_view, sample_view_params, torchvision_view, view_generator

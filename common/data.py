@@ -162,7 +162,8 @@ def load_data(cfg, accelerator, size=None):
 
     `size` overrides the pretraining resolution (e.g. a paper's 64 px for STL-10); the CIFAR stem (3x3 stride-1 conv,
     no max-pool) is used for images of 64 px or less unless --stem says otherwise."""
-    with accelerator.main_process_first():  # one process downloads, the others then find the files
+    # one process per node downloads (nodes may not share a file system), the others then find the files
+    with accelerator.local_main_process_first():
         pretrain, memory, query, num_classes, native, mean_std = get_datasets(cfg.dataset, cfg.data_dir, cfg.fake_size)
     size = size or native
     cifar_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and size <= 64)
@@ -178,17 +179,40 @@ DEVICE_BUDGET_BYTES = 8 * 2**30  # the decoded uint8 copy `--views-on auto` may 
 def train_views(cfg, data, specs, accelerator):
     """The training batches: ([view per spec], labels, indices) for this process's share of each global batch.
 
-    --views-on device: the data set decoded once onto the training device and views made there in batches;
-    workers: per-sample torchvision views in DataLoader workers; auto: device on CUDA when the decoded copy fits
-    DEVICE_BUDGET_BYTES, else workers."""
+    --views-on device: the data set decoded once onto the training device and views made there in batches (the kNN
+    monitor then reads its splits from the device too: `data.device_views` is set); workers: per-sample torchvision
+    views in DataLoader workers; auto: device on CUDA when the decoded copies fit DEVICE_BUDGET_BYTES and the free
+    memory of every process's device, else workers."""
     mode = cfg.views_on
     if mode == "auto":
-        mode = "device" if accelerator.device.type == "cuda" and DeviceViews.fits(
-            len(data.pretrain), (data.size, data.size), accelerator.device, DEVICE_BUDGET_BYTES) else "workers"
+        fits = accelerator.device.type == "cuda" and _fits(device_bytes(data), accelerator.device, DEVICE_BUDGET_BYTES)
+        if accelerator.num_processes > 1:  # one decision for all: the device with the least free memory decides
+            fits = accelerator.reduce(torch.tensor(float(not fits), device=accelerator.device), "sum").item() == 0
+        mode = "device" if fits else "workers"
     if mode == "device":
-        return DeviceViews(data.pretrain, specs, data.size, data.mean_std, cfg.batch_size, accelerator.num_processes,
-                           accelerator.process_index, accelerator.device, seed=cfg.seed)
+        data.device_views = DeviceViews(data.pretrain, specs, data.size, data.mean_std, cfg.batch_size,
+                                        accelerator.num_processes, accelerator.process_index, accelerator.device,
+                                        seed=cfg.seed)
+        return data.device_views
     return WorkerViews(data.pretrain, [torchvision_view(s, data.size, data.mean_std) for s in specs], cfg, accelerator)
+
+
+def device_bytes(data):
+    """Bytes of the uint8 copies the device path keeps: the pretraining split and the kNN monitor's memory (when it
+    is another data set) and query splits, each at its first image's native size (what decoding stores; images of
+    another size are resized to data.size)."""
+    total = 0
+    for ds in {id(d): d for d in (data.pretrain, data.memory, data.query)}.values():
+        w, h = ds[0][0].size
+        total += len(ds) * 3 * h * w
+    return total
+
+
+def _fits(need_bytes, device, budget_bytes):
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget_bytes = min(budget_bytes, torch.cuda.mem_get_info(device)[0])
+    return need_bytes <= budget_bytes
 
 
 def _decode_all(dataset, size):
@@ -238,11 +262,7 @@ class DeviceViews:
     def fits(dataset_len, image_hw, device, budget_bytes):
         """Whether the decoded uint8 copy (dataset_len x 3 x H x W bytes) fits the budget (and, on CUDA, the free
         device memory)."""
-        need = dataset_len * 3 * image_hw[0] * image_hw[1]
-        device = torch.device(device)
-        if device.type == "cuda":
-            budget_bytes = min(budget_bytes, torch.cuda.mem_get_info(device)[0])
-        return need <= budget_bytes
+        return _fits(dataset_len * 3 * image_hw[0] * image_hw[1], device, budget_bytes)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
@@ -338,6 +358,15 @@ def eval_transform(size, mean_std):
     """Resize (shorter side) + centre crop to the pretraining size, tensor, normalise."""
     return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
                       T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+
+
+def eval_batch(images_uint8, size, mean_std):
+    """eval_transform for a batch of uint8 tensors (N, 3, H, W) on any device, the same operations in the same
+    order (resize of the uint8 image, centre crop, scale, normalise) -> float32 (N, 3, size, size)."""
+    x = images_uint8
+    if tuple(x.shape[-2:]) != (size, size):
+        x = T.functional.center_crop(T.functional.resize(x, size, antialias=True), size)
+    return T.functional.normalize(T.functional.to_dtype(x, torch.float32, scale=True), *mean_std)
 
 
 def per_process_batch(global_batch, num_processes):

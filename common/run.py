@@ -26,12 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from .config import RUN_ONLY_FIELDS, UserError
-from .data import Transformed, eval_transform, make_loader
+from .data import Transformed, _decode_all, eval_batch, eval_transform, make_loader
 
 
 def make_accelerator(cfg):
-    """Accelerator with the run's precision, trackers, seedable sampling and a process-group timeout long enough for
-    rank 0 to download a data set while the others wait (NCCL's default of 10 minutes is not)."""
+    """Accelerator with the run's precision, trackers, seedable sampling, --compile and a process-group timeout of
+    30 minutes (a process that died or hangs ends the job then, not hours later).
+
+    --compile hands torch.compile to Accelerate, which applies it inside `accelerator.prepare`, after the DDP wrapper,
+    so DDP can overlap its gradient all-reduce with the compiled backward. The backend is inductor, or what
+    ACCELERATE_DYNAMO_BACKEND names (e.g. `eager`, which the CPU tests use: it compiles in seconds)."""
     from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
     trackers = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
     for name in trackers[cfg.report_to]:
@@ -39,22 +43,41 @@ def make_accelerator(cfg):
             __import__("torch.utils.tensorboard" if name == "tensorboard" else "wandb")
         except ImportError:
             raise UserError(f"--report-to {cfg.report_to} needs the {name} package: pip install {name}") from None
-    accelerator = Accelerator(
+    backend = (os.environ.get("ACCELERATE_DYNAMO_BACKEND") or "no").lower()
+    accelerator = _accelerator_class(Accelerator)(
         mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         log_with=trackers[cfg.report_to] or None, project_dir="runs",  # Run points the trackers at the run folder
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))])
+        dynamo_backend=(backend if backend != "no" else "inductor") if cfg.compile else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return accelerator
 
 
+def _accelerator_class(base):
+    class UnwrappingAccelerator(base):
+        """unwrap_model returns the plain module by default. Accelerate's default (keep_torch_compile=True) on a
+        compiled DDP model re-points the compiled wrapper at the bare module, and a copy of it (a momentum network)
+        would be a second compiled module whose state_dict keys carry `_orig_mod.`."""
+
+        def unwrap_model(self, model, keep_fp32_wrapper=True, keep_torch_compile=False):
+            return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
+    return UnwrappingAccelerator
+
+
+# how long a collective waits for a missing process before the job fails; every per-process decision is collective
+# and downloads happen once per node before the process group is needed, so nothing legitimate waits this long
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def fast_model(model, cfg, accelerator):
-    """Channels-last memory on CUDA (faster convolutions under bf16 / TF32) and, with --compile, torch.compile."""
+    """Channels-last memory on CUDA (faster convolutions under bf16 / TF32). --compile is applied by
+    `accelerator.prepare` (see make_accelerator), after DDP, not here."""
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model
+    return model
 
 
 def provenance(accelerator):
@@ -104,6 +127,7 @@ class Run:
         # non-finite watch on the device: (step of the first bad loss or -1, its terms, steps counted), term names
         self.bad, self.terms_names = None, []
         self.memory_loader = self.query_loader = None  # kNN monitor loaders, built at the first evaluation
+        self.eval_tensors = None  # or, on the device path, ((images, labels) of memory, of query) on the device
 
         config = {"method": method, **dataclasses.asdict(cfg)}
         path = os.path.join(self.out, "config.json")
@@ -212,17 +236,34 @@ class Run:
     def monitor(self, epoch, step, backbone, diagnostics_fn):
         """kNN top-1 of the backbone (train split as memory, test split as queries) and the method's diagnostics:
         diagnostics_fn(query) -> dict, where query = (features (M, D), labels (M,)) of the test split, extracted once
-        for the kNN and handed on (ReCo's Table III reads them)."""
-        if self.memory_loader is None:
-            tf, n = eval_transform(self.data.size, self.data.mean_std), self.accelerator.num_processes
-            self.memory_loader, self.query_loader = self.accelerator.prepare(
-                make_loader(Transformed(self.data.memory, tf), self.cfg.batch_size, n, False, self.cfg.num_workers),
-                make_loader(Transformed(self.data.query, tf), self.cfg.batch_size, n, False, self.cfg.num_workers))
-        memory = extract_features(backbone, self.memory_loader, self.accelerator)
-        query = extract_features(backbone, self.query_loader, self.accelerator)
+        for the kNN and handed on (ReCo's Table III reads them).
+
+        On the device path (train_views put the decoded data set on the device) both splits are decoded once, at
+        the first evaluation, and every evaluation reads them from device memory; else DataLoaders decode them."""
+        memory, query = self._eval_features(backbone)
         knn = knn_top1(memory, query, self.data.num_classes, self.cfg.knn_k, self.cfg.knn_t)
         self.log(epoch=epoch, step=step, knn_top1=knn, **diagnostics_fn(query))
         self.accelerator.print(f"epoch {epoch}: kNN top-1 {knn:.2f}%")
+
+    def _eval_features(self, backbone):
+        acc, data, n = self.accelerator, self.data, self.accelerator.num_processes
+        views = getattr(data, "device_views", None)
+        if views is not None:
+            if self.eval_tensors is None:
+                memory = ((views.images, views.labels) if data.memory is data.pretrain
+                          else tuple(t.to(views.device) for t in _decode_all(data.memory, data.size)))
+                query = tuple(t.to(views.device) for t in _decode_all(data.query, data.size))
+                self.eval_tensors = memory, query
+            batch = self.cfg.batch_size // n
+            return tuple(extract_features_on_device(backbone, images, labels, acc, batch, data.size, data.mean_std)
+                         for images, labels in self.eval_tensors)
+        if self.memory_loader is None:
+            tf = eval_transform(data.size, data.mean_std)
+            self.memory_loader, self.query_loader = acc.prepare(
+                make_loader(Transformed(data.memory, tf), self.cfg.batch_size, n, False, self.cfg.num_workers),
+                make_loader(Transformed(data.query, tf), self.cfg.batch_size, n, False, self.cfg.num_workers))
+        return (extract_features(backbone, self.memory_loader, acc),
+                extract_features(backbone, self.query_loader, acc))
 
     def end_epoch(self, epoch_done, step, backbone, diagnostics_fn):
         """kNN monitor and checkpoint when due; diagnostics_fn(query) -> dict of the method's epoch diagnostics (see
@@ -263,7 +304,10 @@ class Run:
         """-> (start epoch, steps of it already done). With --resume, loads the newest complete checkpoint (one
         written by any number of processes) and says which."""
         cfg, acc = self.cfg, self.accelerator
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+        ckpt = latest_checkpoint(self.out) if cfg.resume and acc.is_main_process else None
+        if cfg.resume and acc.num_processes > 1:  # every process loads the one the main process chose
+            from accelerate.utils import broadcast_object_list
+            ckpt = broadcast_object_list([ckpt], from_process=0)[0]
         if cfg.resume and ckpt is None:
             acc.print(f"--resume: no complete checkpoint in {self.out}, starting from scratch")
         if ckpt is None:
@@ -361,6 +405,24 @@ def extract_features(backbone, loader, accelerator):
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_features_on_device(backbone, images, labels, accelerator, batch, size, mean_std):
+    """extract_features for a split held as uint8 (N, 3, H, W) on the device: each process takes a contiguous
+    share of the rows (the last padded with copies of the last row), the gathered features are cut back to N, in the
+    order of `images`. -> features (N, D) float32, labels (N,)."""
+    was_training = backbone.training
+    backbone.eval()
+    n, per = len(images), -(-len(images) // accelerator.num_processes)
+    rows = torch.arange(per, device=images.device) + accelerator.process_index * per
+    feats = []
+    for idx in rows.clamp_(max=n - 1).split(batch):
+        with accelerator.autocast():
+            f = backbone(eval_batch(images[idx], size, mean_std))
+        feats.append(f.float())
+    backbone.train(was_training)
+    return accelerator.gather(torch.cat(feats).contiguous())[:n], labels
 
 
 @torch.no_grad()

@@ -128,3 +128,90 @@ def test_tiny_imagenet_without_annotations_is_one_clear_error(tmp_path):
     (tmp_path / "val" / "val_annotations.txt").unlink()
     with pytest.raises(common.UserError, match="val_annotations.txt"):
         common.get_datasets("tiny-imagenet", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the device path: budget, kNN monitor
+
+class CountingImages(common.FakeImages):
+    """FakeImages that counts how often an image is decoded."""
+    reads = 0
+
+    def __getitem__(self, i):
+        CountingImages.reads += 1
+        return super().__getitem__(i)
+
+
+def test_device_budget_counts_the_native_size_and_the_monitor_splits(monkeypatch):
+    """STL-10's case: 96-px images pretrained at 64 px are stored at 96 px, and the kNN monitor's splits are stored
+    beside them; `--views-on auto` must budget exactly what is stored."""
+    import types
+    pretrain, memory, query = (common.FakeImages(n, image_size=96) for n in (40, 12, 8))
+    data = types.SimpleNamespace(pretrain=pretrain, memory=memory, query=query, size=64, mean_std=common.MEAN_STD["stl10"])
+    stored = (40 + 12 + 8) * 3 * 96 * 96
+    assert common.device_bytes(data) == stored
+    assert common.device_bytes(types.SimpleNamespace(**{**vars(data), "memory": pretrain})) == (40 + 8) * 3 * 96 * 96
+    views = common.DeviceViews(pretrain, [], 64, data.mean_std, 8, 1, 0, "cpu")
+    assert views.images.numel() == 40 * 3 * 96 * 96  # what decoding keeps: the native size
+
+    # the decision of --views-on auto on a (pretend) CUDA device with plenty of free memory
+    picked = []
+    monkeypatch.setattr(common.data, "DeviceViews", lambda *a, **k: picked.append("device"))
+    monkeypatch.setattr(common.data, "WorkerViews", lambda *a, **k: picked.append("workers"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))
+    accelerator = types.SimpleNamespace(device=torch.device("cuda"), num_processes=1, process_index=0)
+    cfg = types.SimpleNamespace(views_on="auto", batch_size=8, seed=0)
+    for budget, expected in ((stored, "device"), (stored - 1, "workers")):
+        monkeypatch.setattr(common.data, "DEVICE_BUDGET_BYTES", budget)
+        common.train_views(cfg, data, [], accelerator)
+        assert picked[-1] == expected, budget
+
+
+@pytest.mark.parametrize("native", [32, 40])
+def test_knn_monitor_from_device_tensors_equals_the_loader_path_and_decodes_once(native, tmp_path):
+    """The device path's kNN monitor reads the splits decoded once on the device; its features and kNN top-1 are
+    the DataLoader path's (eval_transform per PIL image), with and without a resize to the pretraining size."""
+    import types
+    from accelerate import Accelerator
+    train, query = CountingImages(48, image_size=native, seed=0), CountingImages(20, image_size=native, seed=1)
+    base = dict(pretrain=train, memory=train, query=query, size=32, mean_std=common.MEAN_STD["cifar10"],
+                num_classes=10)
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 16, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    accelerator = Accelerator(cpu=True)
+    cfg = common.BaseConfig(batch_size=16, num_workers=0, knn_k=5, output_dir=str(tmp_path / "loader"))
+    loader_run = common.Run(cfg, "test", accelerator, types.SimpleNamespace(**base), steps_per_epoch=1)
+    expected = loader_run._eval_features(backbone)
+
+    data = types.SimpleNamespace(**base)
+    data.device_views = common.DeviceViews(train, [], 32, data.mean_std, 16, 1, 0, "cpu")
+    cfg = common.BaseConfig(batch_size=16, num_workers=0, knn_k=5, output_dir=str(tmp_path / "device"))
+    device_run = common.Run(cfg, "test", accelerator, data, steps_per_epoch=1)
+    got = device_run._eval_features(backbone)
+    reads = CountingImages.reads
+    assert backbone.training  # the monitor restores the mode
+    for (f, y), (f0, y0) in zip(got, expected):
+        assert torch.equal(y, y0) and f.shape == f0.shape
+        torch.testing.assert_close(f, f0, rtol=1e-5, atol=1e-5)
+    assert common.knn_top1(*got, 10, 5) == common.knn_top1(*expected, 10, 5)
+    device_run._eval_features(backbone)
+    assert CountingImages.reads == reads  # later evaluations decode nothing
+
+
+def test_device_features_are_split_over_processes_and_gathered_in_order():
+    import contextlib
+    import types
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(20)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    mean_std = common.MEAN_STD["cifar10"]
+
+    def acc(rank, n):
+        return types.SimpleNamespace(num_processes=n, process_index=rank, autocast=contextlib.nullcontext,
+                                     gather=lambda t: t)
+    whole, _ = common.extract_features_on_device(backbone, images, labels, acc(0, 1), 8, 32, mean_std)
+    # 3 processes take rows 0-6, 7-13, 14-19 (+ a copy of row 19); all-gather concatenates them in rank order
+    parts = [common.extract_features_on_device(backbone, images, labels, acc(r, 3), 4, 32, mean_std)[0]
+             for r in range(3)]
+    assert [len(p) for p in parts] == [7, 7, 7]
+    torch.testing.assert_close(torch.cat(parts)[:20], whole)

@@ -1,5 +1,6 @@
 """eval_linear.py: every flag outside its domain and every unusable backbone file ends with one `error:` line and
-exit code 2, before any work. (Its happy path runs in each script's smoke test: conftest.check_backbone.)
+exit code 2, before any work. (Its happy path runs in each script's smoke test: conftest.check_backbone; its
+training step, against SGD recomputed by hand, in tests/test_train_step.py.)
 
 The table runs main() in-process (a subprocess costs a torch import, seconds each); two subprocess runs check that
 the command line itself ends the same way, without a traceback."""

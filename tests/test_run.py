@@ -159,27 +159,27 @@ def test_two_process_checkpoint_loads_exactly(tmp_path):
 
 
 def test_two_nodes_equal_one_process(tmp_path):
-    """Two torchrun launches (one process each) with a rendezvous on 127.0.0.1 give the 1-process step."""
+    """Two torchrun launches (one process each, --nnodes 2) with a rendezvous on 127.0.0.1 give the 1-process step of
+    tests/ddp_step.py (ressl's ddp_case): the same loss and gradients, identical on both nodes."""
     one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    run(["tests/ddp_check.py", str(one)])
+    run(["tests/ddp_step.py", "ressl", str(one)])
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT}
     port = str(29700 + os.getpid() % 200)
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", port,
-                               "tests/ddp_check.py", str(two)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               "tests/ddp_step.py", "ressl", str(two)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    a, r0, r1 = (torch.load(p) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
-    case = "global_bn"
-    assert torch.allclose(a[case]["loss"], r0[case]["loss"], atol=1e-6)
-    for k in a[case]["grads"]:
-        assert torch.allclose(a[case]["grads"][k], r0[case]["grads"][k], atol=1e-6), k
-        assert torch.equal(r0[case]["grads"][k], r1[case]["grads"][k]), k
-    assert torch.allclose(a[case]["queue"], r1[case]["queue"], atol=1e-6)
+    a, r0, r1 = (torch.load(p, weights_only=False) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+    assert torch.allclose(a["loss"], r0["loss"], atol=1e-6) and torch.equal(r0["loss"], r1["loss"])
+    assert a["grads"].keys() == r0["grads"].keys() and a["grads"]
+    for k in a["grads"]:
+        assert torch.allclose(a["grads"][k], r0["grads"][k], atol=1e-6), k
+        assert torch.equal(r0["grads"][k], r1["grads"][k]), k
+    assert torch.allclose(a["queue"], r1["queue"], atol=1e-6)
 
 
 def test_config_json_has_provenance_and_metrics_end_with_wall_time(tmp_path):
@@ -301,3 +301,123 @@ def test_effective_rank_of_non_finite_input_is_nan_not_an_error():
     x[0, 0] = float("nan")
     assert math.isnan(common.effective_rank(x).item())
     assert math.isfinite(common.effective_rank(torch.randn(8, 4)).item())
+
+
+# ----------------------------------------------------------------------------- what a first GPU run would hit
+
+# an fp16 run on a GPU checkpoints its GradScaler (scaler.pt); Accelerate makes none on the CPU, so give it one
+FP16_SCALER = ("orig = accelerate.Accelerator.__init__\n"
+               "def init(self, *a, **k):\n    orig(self, *a, **k)\n"
+               "    if self.mixed_precision == 'fp16': self.scaler = __import__('torch').amp.GradScaler('cpu', init_scale=2.**10)\n"
+               "accelerate.Accelerator.__init__ = init")
+
+
+def test_resume_under_another_precision_is_one_error_line_and_fp16_state_round_trips(tmp_path):
+    bf16, fp16 = str(tmp_path / "bf16"), str(tmp_path / "fp16")
+    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--mixed-precision", "bf16", "--output-dir", bf16])
+    # bf16 -> fp16: Accelerate would look for a scaler.pt that a bf16 run never wrote
+    p = run_patched(FP16_SCALER, [*RESSL[1:], "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", bf16,
+                                  "--resume"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "written under --mixed-precision bf16" in errors[0], p.stderr[-2000:]
+    assert "Resume with --mixed-precision bf16" in errors[0]
+    # an fp16 run writes its scaler and resumes under fp16 with it; under bf16 it is refused the same way
+    run_patched(FP16_SCALER, [*RESSL[1:], "--epochs", "2", "--stop-after-epochs", "1", "--mixed-precision", "fp16",
+                              "--output-dir", fp16])
+    ckpt = common.latest_checkpoint(fp16)
+    saved = torch.load(os.path.join(ckpt, "scaler.pt"))
+    assert saved["scale"] == 2.0**10
+    # the resumed run starts from another scale: after load_state it must hold the checkpoint's
+    check = FP16_SCALER.replace("2.**10", "2.**5") + (
+        "\nload = accelerate.Accelerator.load_state\n"
+        "def load_state(self, *a, **k):\n    load(self, *a, **k)\n    print('scale after load', self.scaler.get_scale())\n"
+        "accelerate.Accelerator.load_state = load_state")
+    p = run_patched(check, [*RESSL[1:], "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", fp16,
+                            "--resume"])
+    assert "resumed from" in p.stdout and f"scale after load {2.0**10}" in p.stdout
+
+
+def test_compile_on_and_off_across_resumes_ends_where_an_uncompiled_run_ends(straight, tmp_path, monkeypatch):
+    """Epoch 1 with --compile, epoch 2 without, epoch 3 with: a resume in each direction; checkpoints hold the
+    network's own parameter names and the result is the uncompiled run's, bit for bit."""
+    from safetensors.torch import load_file
+    # the eager backend: Dynamo's graph capture and wrappers as on a GPU, compiled in seconds on a CPU
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    out = str(tmp_path / "run")
+    for epoch, flag in ((1, "--compile"), (2, "--no-compile"), (3, "--compile")):
+        p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--stop-after-epochs", str(epoch), flag,
+                 "--output-dir", out, *(["--resume"] if epoch > 1 else [])])
+        assert epoch == 1 or f"resumed from {out}/checkpoint-{4 * (epoch - 1)}" in p.stdout
+        keys = load_file(os.path.join(common.latest_checkpoint(out), "model.safetensors"))
+        assert not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+    assert same_backbone(backbone(straight), backbone(out))
+
+
+def test_compile_is_applied_after_prepare():
+    """DDP (when there is one) must be inside the compiled module, so that its gradient all-reduce overlaps the
+    compiled backward; and unwrapping must give the plain network whatever --compile says."""
+    import ressl
+    from accelerate.state import AcceleratorState
+    os.environ["ACCELERATE_DYNAMO_BACKEND"] = "eager"
+    AcceleratorState._reset_state()  # as in a new process: an earlier test's Accelerator fixed the compile setting
+    try:
+        cfg = ressl.Config(compile=True, proj_hidden=32, proj_dim=16, queue_size=16)
+        accelerator = common.make_accelerator(cfg)
+        student = common.fast_model(ressl.Student(cfg, cifar_stem=False), cfg, accelerator)
+        assert not hasattr(student, "_orig_mod")  # not compiled before prepare
+        prepared = accelerator.prepare(student)
+        assert type(prepared).__name__ == "OptimizedModule" and prepared._orig_mod is student
+        assert accelerator.unwrap_model(prepared) is student and prepared._orig_mod is student
+    finally:
+        del os.environ["ACCELERATE_DYNAMO_BACKEND"]
+        AcceleratorState._reset_state()
+
+
+def test_process_group_timeout_is_at_most_30_minutes():
+    """A process that died or hangs must end the job within 30 minutes, not after hours of idle GPUs."""
+    import datetime
+    import ressl
+    accelerator = common.make_accelerator(ressl.Config())
+    assert accelerator.init_handler.timeout <= datetime.timedelta(minutes=30)
+
+
+def test_non_finite_loss_on_one_process_stops_both_with_the_error_line(tmp_path):
+    """Only rank 1 sees a NaN loss term (at step 6, between the logging steps 4 and 8; only its logged value, so that
+    no NaN gradient reaches rank 0 through the all-reduce): both processes must learn it at the same collective and
+    exit with the error, not leave one waiting for the other until the process-group timeout."""
+    out = str(tmp_path / "run")
+    nan = ("orig = ressl.train_step\ncalls = []\n"
+           "def train_step(*a, **k):\n    logs = orig(*a, **k)\n    calls.append(1)\n"
+           "    if len(calls) == 6 and os.environ['RANK'] == '1': logs['relation'] = logs['relation'] * float('nan')\n"
+           "    return logs\nressl.train_step = train_step")
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(PATCHED.format(root=ROOT, patch=nan))
+    tic = time.time()
+    p = run([str(script), *RESSL[1:], "--epochs", "3", "--checkpoint-every", "1", "--log-every", "4",
+             "--output-dir", out], nproc=2, check=False, timeout=150)
+    assert p.returncode != 0 and time.time() - tic < 150
+    # the two processes share stderr: a line may begin with the other's progress bar
+    errors = ["error: non-finite loss" + e.split("\n")[0] for e in p.stderr.split("error: non-finite loss")[1:]]
+    assert len(errors) == 2, p.stderr[-3000:]
+    assert any(e.startswith("error: non-finite loss at step 6 (epoch 2)") for e in errors), errors
+    assert any("on another process" in e for e in errors), errors
+    assert common.latest_checkpoint(out).endswith("checkpoint-4")
+
+
+def test_resume_takes_the_complete_checkpoint_with_the_highest_step(tmp_path):
+    """Steps compare as numbers (checkpoint-100 after checkpoint-12 after checkpoint-8), and a folder without
+    progress.json (a save that died part-way) is never taken."""
+    def make(step, complete=True, prefix="checkpoint-"):
+        d = tmp_path / f"{prefix}{step}"
+        d.mkdir()
+        if complete:
+            (d / "progress.json").write_text(json.dumps({"epoch": step // 4, "step": step}))
+    for step in (8, 12):
+        make(step)
+    make(100, complete=False)
+    make(200, prefix=".tmp-checkpoint-")
+    assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-12")
+    (tmp_path / "checkpoint-100" / "progress.json").write_text(json.dumps({"epoch": 25, "step": 100}))
+    assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    assert common.latest_checkpoint(str(tmp_path / "absent")) is None

@@ -832,6 +832,7 @@ FAST = ["--dataset", "imagefolder", "--stem", "imagenet", "--batch-size", "128",
         "--log-every", "5", "--warmup-epochs", "1"]
 
 
+@pytest.mark.learning
 def test_no_collapse_on_real_images(cifar_subset, tmp_path):
     """CI's collapse check at SMoG's defaults (3000 groups, alpha 0.999, no blur at 32 px): one epoch of 15 steps
     (before the first reset at iteration 300), kNN only at the end.
