@@ -21,20 +21,72 @@ TINY = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--num-wo
         "--log-every", "1", "--eval-every", "1", "--knn-k", "5", "--warmup-epochs", "1"]
 
 
+# scripts whose command line `run` executes inside the test process: a new Python process costs ~5 s of imports
+IN_PROCESS = {"median_triplet.py", "smog.py", "ressl.py", "hnpm.py", "reco.py", "eval_linear.py"}
+
+
 def run(args, nproc=1, check=True, timeout=600):
-    """Run `python <args>` (or torchrun with nproc CPU processes) in the repository root; returns CompletedProcess."""
-    # ACCELERATE_USE_CPU: without it Accelerate does not start gloo under torchrun on CPU (each rank runs alone)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else
-           os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000)] + args
+    """Run `python <args>` (or torchrun with nproc CPU processes) in the repository root; returns CompletedProcess.
+
+    A single-process run of a method script or eval_linear.py executes its command line in this process, as
+    `python <script>` would (its exit code, stdout and stderr; a fresh Accelerate state), without the start-up cost;
+    TESTS_SUBPROCESS=1 runs every command in a new process instead."""
+    if nproc == 1 and args[0] in IN_PROCESS and not os.environ.get("TESTS_SUBPROCESS"):
+        p = _run_in_process(args)
     else:
-        cmd = [sys.executable] + args
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        # ACCELERATE_USE_CPU: without it Accelerate does not start gloo under torchrun on CPU (each rank runs alone)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1",
+               "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(29500 + os.getpid() % 1000)] + args
+        else:
+            cmd = [sys.executable] + args
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def _run_in_process(args):
+    import contextlib
+    import importlib
+    import io
+    import signal
+    import traceback
+    import warnings
+    from accelerate.state import AcceleratorState, GradientState
+    import common
+    module = importlib.import_module(args[0][:-3])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved_env, cwd = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU")}, os.getcwd()
+    os.environ.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1")
+    os.chdir(ROOT)
+    AcceleratorState._reset_state(True)  # as in a new process
+    GradientState._reset_state()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("always")  # a warning shows in every run, as in a new process
+            try:
+                if args[0] == "eval_linear.py":
+                    module.main(list(args[1:]))
+                else:
+                    common.run_main(module.train, module.Config, list(args[1:]))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what the interpreter would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def cli_error(script, argv, capsys):
@@ -102,15 +154,37 @@ def cifar_subset(tmp_path_factory):
     return str(root)
 
 
+# every two-process case of the suite: the first call runs all that are selected in ONE torchrun start-up
+TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
+                     ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
+                     ("smog",)]
+_two_process_done = {}
+
+
 def two_process_results(method, tmp_path, *args):
-    """Runs tests/ddp_step.py (ddp_case of tests/test_<method>.py) on 1 and on 2 gloo processes on the same global
-    batch -> (result of the single process, [result of rank 0, result of rank 1])."""
-    tag = "-".join([method, *args]).replace("/", "_")
-    one, two = tmp_path / f"{tag}-one", tmp_path / f"{tag}-two"
-    run(["tests/ddp_step.py", method, str(one), *args])
-    run(["tests/ddp_step.py", method, str(two), *args], nproc=2)
-    load = lambda d, r: torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
-    return load(one, 0), [load(two, 0), load(two, 1)]
+    """ddp_case of tests/test_<method>.py on 1 process (in this process, a fresh Accelerator) and on 2 gloo processes
+    (tests/ddp_step.py under torchrun) on the same global batch -> (result of the single process, [result of rank 0,
+    result of rank 1]). The 2-process runs of all TWO_PROCESS_CASES share one start-up; a case not listed there
+    runs alone."""
+    import json
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from ddp_step import run_case
+    key = (method, *args)
+    if key not in _two_process_done:
+        batch = [c for c in TWO_PROCESS_CASES if c not in _two_process_done] if key in TWO_PROCESS_CASES else [key]
+        out = tmp_path / "two-processes"
+        run(["tests/ddp_step.py", "--cases", str(out), json.dumps(batch)], nproc=2)
+        for i, case in enumerate(batch):
+            _two_process_done[case] = [torch.load(out / str(i) / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        one = run_case(Accelerator(cpu=True), method, *args)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return one, _two_process_done[key]
 
 
 @contextlib.contextmanager
