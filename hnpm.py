@@ -227,11 +227,8 @@ def ema_update(student, teacher, tau):
 
 
 def gather_with_grad(x):
-    """All-gather (B, D) -> (N, D) that keeps the autograd graph (accelerator.gather has none).
-
-    Every process then computes the same global loss; the backward of the gather sums the gradient of the
-    local rows over processes (x world size), which DDP's gradient averaging divides out again.
-    """
+    """All-gather (B, D) -> (N, D) keeping the autograd graph (accelerator.gather has none): the backward sums each
+    row's gradient over processes (x world size), which DDP's gradient averaging divides out again."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()))
@@ -374,8 +371,7 @@ def train(cfg: Config):
                 eranks.append(common.effective_rank(u))  # dimensional collapse of U, an SVD (it syncs)
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(sums, steps, eranks))
-        if run.stop_reason:
+        if run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(sums, steps, eranks)):
             break
     return run.finish(backbone, {})
 

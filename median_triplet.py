@@ -351,8 +351,7 @@ def train(cfg: Config):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
         # Table 5 every epoch, not only with kNN: epoch 1 stands for the paper's "epoch 0" column
         run.log(epoch=epoch + 1, step=step, **epoch_diagnostics(table5, target_z1))
-        run.end_epoch(epoch + 1, step, backbone, lambda query: {})
-        if run.stop_reason:
+        if run.end_epoch(epoch + 1, step, backbone, lambda query: {}):
             break
     return run.finish(backbone, {})
 

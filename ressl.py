@@ -362,8 +362,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, diagnostics)
-        if run.stop_reason:
+        if run.end_epoch(epoch + 1, step, backbone, diagnostics):
             break
     return run.finish(backbone, {})
 

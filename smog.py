@@ -244,11 +244,8 @@ def kmeans_groups(x, cfg, step):
 
 
 def gather_with_grad(x):
-    """All-gather (B, D) -> (N, D) that keeps the autograd graph (accelerator.gather has none).
-
-    Every process then computes the same global loss; the backward of the gather sums the gradient of the
-    local rows over processes (x world size), which DDP's gradient averaging divides out again.
-    """
+    """All-gather (B, D) -> (N, D) keeping the autograd graph (accelerator.gather has none): the backward sums each
+    row's gradient over processes (x world size), which DDP's gradient averaging divides out again."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()))
@@ -366,7 +363,6 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
     accelerator.backward(loss)
     optimizer.step()
     counts = logs.pop("counts")
-    # host booleans: the fp16 scaler decides the skip on the host inside optimizer.step()
     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         ema_update(state.target, online_ema_view, sched["ema_momentum"])
         state.groups.copy_(new_groups)
@@ -441,8 +437,7 @@ def train(cfg: Config):
             step += 1
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises
-        run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(tally, accelerator))
-        if run.stop_reason:
+        if run.end_epoch(epoch + 1, step, backbone, lambda query: epoch_diagnostics(tally, accelerator)):
             break
     return run.finish(backbone, {})
 

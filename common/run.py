@@ -4,7 +4,7 @@ A script's train() calls, in order:
     run = Run(cfg, method, accelerator, data, steps_per_epoch)   # folder, config.json, trackers, signal handlers
     start_epoch, done = run.resume()                              # --resume: newest complete checkpoint
     per step:   if run.after_step(step, epoch, terms, **scalars): break   # True: a signal or a non-finite loss
-    per epoch:  run.end_epoch(...); if run.stop_reason: break              # kNN monitor, checkpoint when due
+    per epoch:  if run.end_epoch(...): break   # kNN monitor, checkpoint when due; True: a stop
     run.finish(backbone, meta)   # backbone.pt, or for a stop: the checkpoint (signal) or the error (non-finite)
 The run's state lives in the objects registered with Accelerate, so a checkpoint does not depend on the number of
 processes that wrote it.
@@ -267,17 +267,18 @@ class Run:
 
     def end_epoch(self, epoch_done, step, backbone, diagnostics_fn):
         """kNN monitor and checkpoint when due; diagnostics_fn(query) -> dict of the method's epoch diagnostics (see
-        monitor). After a
-        stop (or on finding a non-finite loss, which then becomes the stop) it does nothing."""
+        monitor). Returns True when the training loop must end: after a stop, or on finding a non-finite loss (which
+        then becomes the stop), when it does nothing else."""
         cfg = self.cfg
         if self.stop_reason is None and self._any_non_finite():
             self.stop_reason = "non-finite"
         if self.stop_reason is not None:
-            return
+            return True
         if (cfg.eval_every and epoch_done % cfg.eval_every == 0) or epoch_done == cfg.epochs:
             self.monitor(epoch_done, step, backbone, diagnostics_fn)
         if epoch_done % cfg.checkpoint_every == 0 or epoch_done in (cfg.epochs, self.last_epoch):
             self.save_checkpoint(epoch_done, step)
+        return False
 
     def save_checkpoint(self, epoch, step):
         """checkpoint-<step>: Accelerate state (trained network, optimiser, registered momentum state, RNG) and
