@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -37,15 +38,61 @@ def run(args, nproc=1, check=True, timeout=600):
         # ACCELERATE_USE_CPU: without it Accelerate does not start gloo under torchrun on CPU (each rank runs alone)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1",
                "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
-        if nproc > 1:
+        if nproc > 1 and os.environ.get("TESTS_TORCHRUN"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_port", str(29500 + os.getpid() % 1000)] + args
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        elif nproc > 1:
+            p = _run_ranks(args, nproc, env, timeout)
         else:
-            cmd = [sys.executable] + args
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def _run_ranks(args, nproc, env, timeout, grace=60):
+    """What torchrun does for one node, without its launcher process (~4 s of imports a launch): nproc processes of
+    `python <args>` with the ranks and rendezvous address in their environment -> CompletedProcess with the ranks'
+    stdout and stderr one after the other and the first non-zero exit code. When one rank fails, the others get
+    `grace` seconds to end on their own (a rank that hangs is then killed and its error line is missing)."""
+    import socket
+    import tempfile
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs, files = [], []
+    for rank in range(nproc):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                    "GROUP_RANK": "0"}
+        procs.append(subprocess.Popen([sys.executable] + args, cwd=ROOT, env=rank_env, stdout=out, stderr=err,
+                                      text=True))
+        files.append((out, err))
+    deadline, failed_at = time.time() + timeout, None
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.time()
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(args, timeout)
+            if failed_at is not None and time.time() - failed_at > grace:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for out, err in files:
+        out.seek(0), err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close(), err.close()
+    code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return subprocess.CompletedProcess(args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 def _run_in_process(args):

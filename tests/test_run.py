@@ -260,7 +260,7 @@ def test_bad_flag_on_the_real_command_line(script):
 
 def test_batch_size_must_divide_over_processes():
     p = run([*RESSL, "--epochs", "1", "--batch-size", "7", "--queue-size", "16"], nproc=2, check=False)
-    # torchrun itself exits with 1 when its processes exit with 2
+    # the ranks exit with 2 (under torchrun, the launcher exits with 1)
     assert p.returncode != 0 and "error: --batch-size 7 must divide evenly over 2 processes" in p.stderr
     assert "Traceback" not in p.stderr.split("error: --batch-size")[0]
 
