@@ -367,7 +367,7 @@ def train(cfg: Config):
             logs = train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator)
             sums = {k: sums.get(k, 0) + v for k, v in logs.pop("epoch_sums").items()}
             u, steps, step = logs.pop("u"), steps + 1, step + 1
-            if step % cfg.log_every == 0 or step == run.total_steps:  # on logging steps, which sync anyway:
+            if run.logging_step(step):  # logging steps synchronise anyway:
                 eranks.append(common.effective_rank(u))  # dimensional collapse of U, an SVD (it syncs)
             if run.after_step(step, epoch, logs, **sched):
                 break  # a signal or a non-finite loss: run.finish() checkpoints or raises

@@ -215,7 +215,7 @@ def _fits(need_bytes, device, budget_bytes):
     return need_bytes <= budget_bytes
 
 
-def _decode_all(dataset, size):
+def decode_all(dataset, size):
     """(N, 3, H, W) uint8 and (N,) long labels on the CPU; if the images differ in size, each is resized to
     size x size (a warning says so)."""
     n, to_square = len(dataset), T.Resize((size, size), antialias=True)
@@ -254,7 +254,7 @@ class DeviceViews:
         self.specs, self.size, self.mean_std, self.seed = list(specs), size, mean_std, seed
         self.global_batch, self.batch = global_batch, global_batch // num_processes
         self.rank, self.device = process_index, torch.device(device)
-        images, labels = _decode_all(dataset, size)
+        images, labels = decode_all(dataset, size)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.epoch, self.start_step = 0, 0
 

@@ -24,9 +24,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from .config import RUN_ONLY_FIELDS, UserError
-from .data import Transformed, _decode_all, eval_batch, eval_transform, make_loader
+from .data import Transformed, decode_all, eval_batch, eval_transform, make_loader
 
 
 def make_accelerator(cfg):
@@ -36,7 +37,7 @@ def make_accelerator(cfg):
     --compile hands torch.compile to Accelerate, which applies it inside `accelerator.prepare`, after the DDP wrapper,
     so DDP can overlap its gradient all-reduce with the compiled backward. The backend is inductor, or what
     ACCELERATE_DYNAMO_BACKEND names (e.g. `eager`, which the CPU tests use: it compiles in seconds)."""
-    from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate import DataLoaderConfiguration, InitProcessGroupKwargs
     trackers = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
     for name in trackers[cfg.report_to]:
         try:
@@ -44,7 +45,7 @@ def make_accelerator(cfg):
         except ImportError:
             raise UserError(f"--report-to {cfg.report_to} needs the {name} package: pip install {name}") from None
     backend = (os.environ.get("ACCELERATE_DYNAMO_BACKEND") or "no").lower()
-    accelerator = _accelerator_class(Accelerator)(
+    accelerator = UnwrappingAccelerator(
         mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         log_with=trackers[cfg.report_to] or None, project_dir="runs",  # Run points the trackers at the run folder
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
@@ -56,15 +57,13 @@ def make_accelerator(cfg):
     return accelerator
 
 
-def _accelerator_class(base):
-    class UnwrappingAccelerator(base):
-        """unwrap_model returns the plain module by default. Accelerate's default (keep_torch_compile=True) on a
-        compiled DDP model re-points the compiled wrapper at the bare module, and a copy of it (a momentum network)
-        would be a second compiled module whose state_dict keys carry `_orig_mod.`."""
+class UnwrappingAccelerator(Accelerator):
+    """unwrap_model returns the plain module by default. Accelerate's default (keep_torch_compile=True) on a compiled
+    DDP model re-points the compiled wrapper at the bare module, and a copy of it (a momentum network) would be a
+    second compiled module whose state_dict keys carry `_orig_mod.`."""
 
-        def unwrap_model(self, model, keep_fp32_wrapper=True, keep_torch_compile=False):
-            return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
-    return UnwrappingAccelerator
+    def unwrap_model(self, model, keep_fp32_wrapper=True, keep_torch_compile=False):
+        return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
 
 
 # how long a collective waits for a missing process before the job fails; every per-process decision is collective
@@ -184,8 +183,7 @@ class Run:
         new = (first_bad < 0) & ~torch.isfinite(vals).all()
         self.bad = (torch.where(new, counter, first_bad), torch.where(new, vals, bad_vals), counter)
         self.terms_names, self.step, self.epoch = list(terms), step, epoch
-        logging_step = step % self.cfg.log_every == 0 or step == self.total_steps
-        if logging_step:
+        if self.logging_step(step):
             # one collective for the means, the non-finite flag and the signal flag of every process
             flags = torch.stack([(self.bad[0] >= 0).float(), torch.tensor(float(self.signalled), device=vals.device)])
             total = self.accelerator.reduce(torch.cat([vals, flags]), "sum").tolist()
@@ -202,6 +200,10 @@ class Run:
         elif self.signalled and self.accelerator.num_processes == 1:  # a Python flag: no host sync
             self.stop_reason = "signal"
         return self.stop_reason is not None
+
+    def logging_step(self, step):
+        """Whether after_step logs (and so synchronises) after `step`: every --log-every steps and the last step."""
+        return step % self.cfg.log_every == 0 or step == self.total_steps
 
     def _any_non_finite(self):
         """Whether any process saw a non-finite loss term since the run started (one collective; epoch ends only)."""
@@ -251,8 +253,8 @@ class Run:
         if views is not None:
             if self.eval_tensors is None:
                 memory = ((views.images, views.labels) if data.memory is data.pretrain
-                          else tuple(t.to(views.device) for t in _decode_all(data.memory, data.size)))
-                query = tuple(t.to(views.device) for t in _decode_all(data.query, data.size))
+                          else tuple(t.to(views.device) for t in decode_all(data.memory, data.size)))
+                query = tuple(t.to(views.device) for t in decode_all(data.query, data.size))
                 self.eval_tensors = memory, query
             batch = self.cfg.batch_size // n
             return tuple(extract_features_on_device(backbone, images, labels, acc, batch, data.size, data.mean_std)
