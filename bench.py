@@ -12,12 +12,23 @@ Keys (samples/s unless said otherwise):
     train_over_model        train_step / model_only: 1.0 means the data path costs nothing
 Images are CIFAR-10's 32 px (from --data-zip, an ImageFolder zip, when given; else synthetic). Ratios are from one
 run: compare numbers of the same run only.
+
+    python bench.py --imagenet-decode --data-zip cifar10-jpeg.zip   # the workers path at ImageNet size, one core
+
+prints instead what one CPU core feeds a 224-px run on the workers path (--views-on workers), in images per
+CPU-second of this process (other load on the machine does not lower it), for: reading + decoding a 500x375 JPEG
+(quality 90) of an ImageNet-layout folder (common.get_datasets("imagenet")); one view RandomResizedCrop(224) + flip +
+float + normalise (torchvision_view); decode + 1 and + 2 such views; then decode + each method's own views at 224
+(jitter, blur, ...). The JPEGs are CIFAR-10 images (--data-zip) or synthetic ones, upscaled; --decode-noise adds pixel
+noise, which makes the files larger and slower to decode, like photos: ImageNet's train JPEGs average about 110 KB
+(its 138 GB train tar over 1,281,167 images); `mean_kb` gives these ones'.
 """
 import argparse
 import importlib
 import io
 import json
 import os
+import tempfile
 import time
 import types
 import zipfile
@@ -137,6 +148,72 @@ CPU_HEADS = {"ressl": {"proj_hidden": 512}, "smog": {"proj_hidden": 512}, "media
              "hnpm": {}, "reco": {}}
 
 
+def cpu_timed(fn, n_items, repeat):
+    """Items per CPU-second of this process over `repeat` calls, after one warm-up call: a one-core figure that
+    other work on the machine does not lower (the work timed is single-threaded)."""
+    fn()
+    tic = time.process_time()
+    for _ in range(repeat):
+        fn()
+    return n_items * repeat / (time.process_time() - tic)
+
+
+def imagenet_jpegs(root, images, wh=(500, 375), quality=90, noise=0.0, seed=0):
+    """Writes ImageNet's layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) under root from (PIL image, label) pairs,
+    each upscaled (bicubic) to wh, plus Gaussian pixel noise of std `noise` (0-255 scale); returns the mean file KB."""
+    g, sizes, in_val = torch.Generator().manual_seed(seed), [], set()
+    for i, (img, label) in enumerate(images):
+        big = pil_to_tensor(img.convert("RGB").resize(wh, Image.BICUBIC)).float()
+        if noise:
+            big += noise * torch.randn(big.shape, generator=g)
+        big = Image.fromarray(big.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        for split in ("train",) if label in in_val else ("train", "val"):  # val: one image a class
+            in_val.add(label)
+            path = os.path.join(root, split, f"n{label:08d}", f"{i:06d}.JPEG")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            big.save(path, quality=quality)
+        sizes.append(os.path.getsize(os.path.join(root, "train", f"n{label:08d}", f"{i:06d}.JPEG")))
+    return sum(sizes) / len(sizes) / 1024
+
+
+def bench_imagenet_decode(args, source):
+    """One core's images/s on the workers path at 224 px (see the module docstring) -> list of JSON rows."""
+    images = load_images(source, args.decode_images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            kb = imagenet_jpegs(root, images, noise=args.decode_noise)
+            train = common.get_datasets("imagenet", root)[0]
+            mean_std = common.IMAGENET_MEAN_STD
+            crop_flip = common.torchvision_view(common.ViewSpec(crop_scale=(0.08, 1.0)), 224, mean_std)
+            decoded = [train[i][0] for i in range(len(train))]
+            n, rep = len(train), args.decode_repeat
+
+            def decode_then(views):  # what a worker does per sample: read + decode once, then each view
+                return lambda: [v(img) for i in range(n) for img in [train[i][0]] for v in views]
+
+            row = {"bench": "imagenet_decode", "source": ("cifar10" if source else "synthetic") + " upscaled",
+                   "image_wh": list(decoded[0].size), "quality": 90, "noise": args.decode_noise,
+                   "mean_kb": round(kb, 1), "images": len(train)}
+            row["decode_1core"] = cpu_timed(lambda: [train[i] for i in range(n)], n, rep)
+            row["crop_flip_1core"] = cpu_timed(lambda: [crop_flip(x) for x in decoded], n, rep)
+            row["decode_crop_flip_1core"] = cpu_timed(decode_then([crop_flip]), n, rep)
+            row["decode_2x_crop_flip_1core"] = cpu_timed(decode_then([crop_flip, crop_flip]), n, rep)
+            rows = [row]
+            for name in args.methods:
+                m = importlib.import_module(name)
+                cfg = m.Config(dataset="imagenet")
+                if hasattr(m, "PAPER"):  # the settings a run on ImageNet gets (--recipe auto)
+                    cfg = common.resolve_recipe(cfg, m.PAPER)
+                tfs = [common.torchvision_view(s, 224, mean_std) for s in m.view_specs(cfg, 224)]
+                rows.append({"bench": "imagenet_decode", "method": name, "views": len(tfs),
+                             "decode_views_1core": cpu_timed(decode_then(tfs), n, rep)})
+    finally:
+        torch.set_num_threads(threads)
+    return [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +226,16 @@ def main():
     p.add_argument("--data-zip", default=os.environ.get("CIFAR10_JPEG_ZIP", ""),
                    help="ImageFolder zip (or extracted folder) of 32-px images")
     p.add_argument("--mixed-precision", default="", help="default: bf16 on cuda, no on cpu")
+    p.add_argument("--imagenet-decode", action="store_true",
+                   help="instead: one core's decode + view throughput at ImageNet size (see above)")
+    p.add_argument("--decode-images", type=int, default=100, help="JPEGs of --imagenet-decode")
+    p.add_argument("--decode-repeat", type=int, default=2, help="timed passes over them")
+    p.add_argument("--decode-noise", type=float, default=0.0, help="pixel noise std (0-255) added to the JPEGs")
     args = p.parse_args()
+    if args.imagenet_decode:
+        for row in bench_imagenet_decode(args, args.data_zip if os.path.exists(args.data_zip) else ""):
+            print(json.dumps(row), flush=True)
+        return
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 32)
     args.steps = args.steps or (50 if cuda else 3)

@@ -1,7 +1,8 @@
 """Data: the data sets, and the two paths that turn them into batches of views.
 
-- `get_datasets` / `load_data`: CIFAR-10/100, STL-10 (torchvision downloads), image folders, Tiny-ImageNet and a
-  synthetic `fake` set -> PIL images and labels; `load_data` adds the pretraining size and the stem choice.
+- `get_datasets` / `load_data`: CIFAR-10/100, STL-10 (torchvision downloads), image folders, Tiny-ImageNet, ImageNet
+  (ILSVRC-2012) and its 100-class subset ImageNet-100, and a synthetic `fake` set -> PIL images and labels;
+  `load_data` adds the pretraining size and the stem choice.
 - `train_views` picks one of two paths with the same interface, an iterable of ([view per spec], labels, indices)
   for this process's share of each global batch:
   `DeviceViews`: the data set decoded once to uint8 on the training device, views made there in batches
@@ -24,13 +25,16 @@ from .views import apply_view, params_slice, params_to, sample_view_params, torc
 
 # ----------------------------------------------------------------------------- data sets
 
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tiny-imagenet": 64, "fake": 32}
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tiny-imagenet": 64, "imagenet": 224, "imagenet100": 224,
+              "fake": 32}
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
 }
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# the ImageNet-100 classes of CMC (https://arxiv.org/abs/1906.05849), one wnid a line
+IMAGENET100_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")
 
 
 class FakeImages(Dataset):
@@ -57,14 +61,25 @@ def _download_error(name, data_dir, err):
         f"<data-dir>/train/<class>/* and <data-dir>/test/<class>/*.")
 
 
-def _checked_image_folder(root, split_dir):
+class _ClassFolders(datasets.ImageFolder):
+    """ImageFolder over the named class folders only: the others are never listed (ImageNet-100 from full ImageNet)."""
+
+    def __init__(self, root, classes):
+        self.wanted = sorted(classes)
+        super().__init__(root)
+
+    def find_classes(self, directory):
+        return self.wanted, {c: i for i, c in enumerate(self.wanted)}
+
+
+def _checked_image_folder(root, split_dir, name="imagefolder", classes=None):
     if not os.path.isdir(split_dir):
         raise UserError(f"--dataset imagefolder expects the folder {split_dir!r}; it does not exist. Layout: "
                         f"{root}/train/<class>/<image> and {root}/test/<class>/<image> (or val/).")
     try:
-        ds = datasets.ImageFolder(split_dir)
+        ds = datasets.ImageFolder(split_dir) if classes is None else _ClassFolders(split_dir, classes)
     except FileNotFoundError as e:  # raised for no class folder or no image file
-        raise UserError(f"--dataset imagefolder: {split_dir!r} holds no images in class sub-folders ({e}).")
+        raise UserError(f"--dataset {name}: {split_dir!r} holds no images in class sub-folders ({e}).")
     ds.loader = _checked_pil_loader
     return ds
 
@@ -112,17 +127,21 @@ def get_datasets(name, data_dir, fake_size=256, download=True):
     elif name == "tiny-imagenet":
         train, test = _tiny_imagenet(data_dir)
         pretrain, n_cls = train, len(train.classes)
+    elif name in ("imagenet", "imagenet100"):
+        train, test = _imagenet(data_dir, name, imagenet100_classes() if name == "imagenet100" else None)
+        pretrain, n_cls = train, len(train.classes)
     elif name == "fake":
         train, test = FakeImages(fake_size, seed=0), FakeImages(max(fake_size // 4, 10), seed=1)
         pretrain, n_cls = train, 10
     else:
-        raise UserError(f"--dataset {name!r} is not one of cifar10, cifar100, stl10, tiny-imagenet, imagefolder, fake.")
+        raise UserError(f"--dataset {name!r} is not one of cifar10, cifar100, stl10, tiny-imagenet, imagenet, "
+                        f"imagenet100, imagefolder, fake.")
     if len(pretrain) == 0:
         raise UserError(f"dataset {name!r} in {data_dir!r} is empty.")
     if name == "imagefolder":
         size = _first_image_size(train)
         stats = IMAGENET_MEAN_STD
-    elif name == "tiny-imagenet":
+    elif name in ("tiny-imagenet", "imagenet", "imagenet100"):
         size, stats = IMAGE_SIZE[name], IMAGENET_MEAN_STD
     else:
         size, stats = IMAGE_SIZE[name], MEAN_STD.get(name, IMAGENET_MEAN_STD)
@@ -148,6 +167,48 @@ def _tiny_imagenet(root):
     val.samples = [(os.path.join(root, "val", "images", file), train.class_to_idx[wnid]) for file, wnid in rows]
     val.targets = [c for _, c in val.samples]
     val.imgs = val.samples
+    return train, val
+
+
+def imagenet100_classes(path=None):
+    """The wnids of ImageNet-100 from common/imagenet100.txt (one a line, `#` starts a comment)."""
+    with open(path or IMAGENET100_CLASSES) as f:
+        return [w for w in (line.split("#")[0].strip() for line in f) if w]
+
+
+def _imagenet(root, name, classes=None):
+    """ILSVRC-2012 as usually prepared: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted into class folders).
+
+    classes: keep only these wnids (ImageNet-100; the tree may hold more). Nothing is decoded here: ImageFolder lists
+    the files of the class folders, as it does for any image folder."""
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    for d in (train_dir, val_dir):
+        if not os.path.isdir(d):
+            raise UserError(f"--dataset {name} expects the folder {d!r}; it does not exist. Layout (ILSVRC-2012): "
+                            f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG.")
+    with os.scandir(val_dir) as entries:  # one listing of val/, no image opened
+        flat = sum(e.is_file() and e.name.lower().endswith(datasets.folder.IMG_EXTENSIONS) for e in entries)
+    if flat:
+        raise UserError(
+            f"--dataset {name}: {val_dir!r} holds {flat} images directly, not in class folders val/<wnid>/*.JPEG "
+            f"(the val tar of ILSVRC-2012 unpacks flat). Sort them once: run the widely used valprep.sh inside val/ "
+            f"(https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh), or move each image "
+            f"into the folder of its label in the devkit's data/ILSVRC2012_validation_ground_truth.txt (its class IDs "
+            f"map to wnids through data/meta.mat).")
+    if classes is not None:
+        for d in (train_dir, val_dir):
+            missing = sorted(set(classes) - set(os.listdir(d)))
+            if missing:
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise UserError(f"--dataset {name}: {d!r} lacks {len(missing)} of the {len(classes)} class folders "
+                                f"of ImageNet-100 (common/imagenet100.txt): {', '.join(missing[:5])}{more}. Point "
+                                f"--data-dir at full ImageNet or at a tree with all of them.")
+    train = _checked_image_folder(root, train_dir, name, classes)
+    val = _checked_image_folder(root, val_dir, name, classes)
+    if val.classes != train.classes:
+        extra = sorted(set(train.classes) ^ set(val.classes))
+        raise UserError(f"--dataset {name}: the class folders of {val_dir!r} and {train_dir!r} differ "
+                        f"({len(extra)} in only one of them, e.g. {extra[0]}); both need the same <wnid> folders.")
     return train, val
 
 
@@ -177,7 +238,8 @@ DEVICE_BUDGET_BYTES = 8 * 2**30  # the decoded uint8 copy `--views-on auto` may 
 
 
 def train_views(cfg, data, specs, accelerator):
-    """The training batches: ([view per spec], labels, indices) for this process's share of each global batch.
+    """The training batches: ([view per spec], labels, indices) for this process's share of each global batch; view
+    v is (B, 3, S, S) with S = specs[v].output_size(data.size), so a multi-crop list yields views of several sizes.
 
     --views-on device: the data set decoded once onto the training device and views made there in batches (the kNN
     monitor then reads its splits from the device too: `data.device_views` is set); workers: per-sample torchvision
@@ -243,7 +305,8 @@ class DeviceViews:
     (G = global_batch) and this process rows [rank*B, (rank+1)*B) of those (B = G / processes). Each view's random
     parameters are drawn for the whole global batch from (seed, epoch, step, view) and sliced to the process's rows,
     so the views do not depend on the number of processes and a mid-epoch resume (set_epoch(e, start_step)) is exact.
-    Images of different sizes are resized to size x size once while decoding (a warning says so).
+    Each view comes out at its spec's own size (`size` for specs without one). Images of different sizes are resized
+    to size x size once while decoding (a warning says so).
     """
 
     def __init__(self, dataset, specs, size, mean_std, global_batch, num_processes, process_index, device, seed=0):
@@ -309,7 +372,8 @@ class WorkerViews:
 
 
 class MultiView(Dataset):
-    """CPU-worker path: applies each view's transform to every sample -> ([view_0, view_1, ...], label, index).
+    """CPU-worker path: applies each view's transform to every sample -> ([view_0, view_1, ...], label, index); the
+    default collate stacks each view separately, so views of different sizes batch as a list.
 
     Randomness is seeded per (seed, epoch, index), so a sample gets the same views whatever the number of processes
     or workers, and a resumed run sees what an uninterrupted one would. The epoch lives in a shared-memory tensor,

@@ -27,7 +27,11 @@ _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's random augmentations, in torchvision's order: crop, flip, jitter, grayscale, blur, solarize."""
+    """One view's random augmentations, in torchvision's order: crop, flip, jitter, grayscale, blur, solarize.
+
+    Views come out square, `size` x `size` (multi-crop: specs of several sizes in one list); size 0 takes the run's
+    pretraining size, which is what every function below receives as its `size` argument.
+    """
     crop_scale: tuple = (0.08, 1.0)    # RandomResizedCrop area range; (1.0, 1.0) with crop_ratio (1, 1) = no crop
     crop_ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio (width / height) range
     flip_p: float = 0.5                # horizontal flip probability
@@ -36,8 +40,9 @@ class ViewSpec:
     gray_p: float = 0.0                # random grayscale probability
     blur_p: float = 0.0                # Gaussian blur probability
     blur_sigma: tuple = (0.1, 2.0)     # blur sigma range (uniform, per sample)
-    blur_kernel: int = 0               # blur kernel size; 0: about 10 % of the side, 2 * (size // 20) + 1
+    blur_kernel: int = 0               # blur kernel size; 0: about 10 % of the view's side, 2 * (side // 20) + 1
     solarize_p: float = 0.0            # solarisation probability (threshold 0.5 on [0, 1] images)
+    size: int = 0                      # output side in pixels; 0: the run's pretraining size
 
     def __post_init__(self):
         b, c, s, h = self.jitter
@@ -50,20 +55,29 @@ class ViewSpec:
             raise ValueError(f"ViewSpec.blur_kernel {self.blur_kernel} must be odd (or 0 for the default).")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"ViewSpec.blur_sigma {self.blur_sigma}: need 0 < min <= max.")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"ViewSpec.size {self.size!r} must be an int >= 0 (0: the run's pretraining size).")
+
+    def output_size(self, size):
+        """The view's side in pixels: its own size, else `size` (the run's); the same given either."""
+        return self.size or size
 
     def kernel_size(self, size):
-        return self.blur_kernel or 2 * (size // 20) + 1
+        """The blur kernel: blur_kernel, else about 10 % of the view's own side."""
+        return self.blur_kernel or 2 * (self.output_size(size) // 20) + 1
 
     def has_jitter(self):
         return self.jitter_p > 0 and any(v > 0 for v in self.jitter)
 
 
 def torchvision_view(spec, size, mean_std):
-    """Per-sample torchvision.transforms.v2 pipeline (PIL image -> normalised float32 tensor) of a spec.
+    """Per-sample torchvision.transforms.v2 pipeline (PIL image -> normalised float32 tensor) of a spec, at
+    spec.output_size(size) (`size`: the run's pretraining size).
 
     Operations whose probability is 0 are left out of the Compose.
     """
-    ops = [T.ToImage(), T.RandomResizedCrop(size, scale=spec.crop_scale, ratio=spec.crop_ratio, antialias=True)]
+    side = spec.output_size(size)
+    ops = [T.ToImage(), T.RandomResizedCrop(side, scale=spec.crop_scale, ratio=spec.crop_ratio, antialias=True)]
     if spec.flip_p > 0:
         ops.append(T.RandomHorizontalFlip(spec.flip_p))
     if spec.has_jitter():
@@ -71,7 +85,7 @@ def torchvision_view(spec, size, mean_std):
     if spec.gray_p > 0:
         ops.append(T.RandomGrayscale(spec.gray_p))
     if spec.blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(spec.kernel_size(size), spec.blur_sigma)], p=spec.blur_p))
+        ops.append(T.RandomApply([T.GaussianBlur(spec.kernel_size(side), spec.blur_sigma)], p=spec.blur_p))
     if spec.solarize_p > 0:  # the image is uint8 here: v >= 128 is v / 255 >= 0.5
         ops.append(T.RandomSolarize(threshold=128, p=spec.solarize_p))
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)]
@@ -124,7 +138,8 @@ def sample_view_params(spec, n, in_hw, size, generator, device):
     generator state gives the same parameters on any device. Distributions are torchvision's: the crop rule of
     RandomResizedCrop.get_params; flip / jitter / grayscale / blur / solarize applied when U(0,1) < p; jitter factors
     brightness, contrast, saturation ~ U(max(0, 1-s), 1+s), hue ~ U(-h, h), and a uniformly random order of the four
-    (as ColorJitter's randperm(4)); blur sigma ~ U(blur_sigma).
+    (as ColorJitter's randperm(4)); blur sigma ~ U(blur_sigma). Crop boxes are in input pixels, so no parameter
+    depends on the output size (`size` or spec.size).
     """
     g = generator
     p = _sample_crops(spec, n, in_hw, g)
@@ -295,8 +310,10 @@ def _solarize(x, apply):
 
 
 def apply_view(images_uint8, params, spec, size, mean_std):
-    """(n, 3, H, W) uint8 on any device -> (n, 3, size, size) float32, normalised, with per-sample `params`
-    (from sample_view_params, on the images' device). No loop over samples, no host synchronisation."""
+    """(n, 3, H, W) uint8 on any device -> (n, 3, S, S) float32, normalised, S = spec.output_size(size) (`size`: the
+    run's pretraining size), with per-sample `params` (from sample_view_params, on the images' device). No loop over
+    samples, no host synchronisation."""
+    size = spec.output_size(size)
     x = _crop_resize_flip(images_uint8, params["top"], params["left"], params["height"], params["width"],
                           params["flip"], size)
     if spec.has_jitter():

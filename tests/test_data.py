@@ -130,6 +130,31 @@ def test_tiny_imagenet_without_annotations_is_one_clear_error(tmp_path):
         common.get_datasets("tiny-imagenet", str(tmp_path))
 
 
+# ----------------------------------------------------------------------------- both training paths: multi-size views
+
+@pytest.mark.parametrize("views_on", ["device", "workers"])
+def test_train_views_gives_each_view_its_own_size_in_spec_order(views_on):
+    """A multi-crop spec list (the run's size, then small views of their own sizes) through train_views: every batch
+    is a list with one view per spec, in the specs' order, each at spec.size or else the run's size."""
+    import dataclasses
+    import types
+    from accelerate import Accelerator
+    big = common.ViewSpec(crop_scale=(0.2, 1.0), blur_p=0.5)
+    specs = [big, dataclasses.replace(big, crop_scale=(0.05, 0.2), size=8), big,
+             common.ViewSpec(crop_scale=(0.05, 0.2), size=12)]
+    data = types.SimpleNamespace(pretrain=common.FakeImages(12, image_size=20), size=16,
+                                 mean_std=common.MEAN_STD["cifar10"])
+    cfg = types.SimpleNamespace(views_on=views_on, batch_size=4, seed=0, num_workers=0)
+    loader = common.train_views(cfg, data, specs, Accelerator(cpu=True))
+    assert isinstance(loader, common.DeviceViews if views_on == "device" else common.WorkerViews)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 3
+    for views, labels, idx in batches:
+        assert [tuple(v.shape) for v in views] == [(4, 3, s, s) for s in (16, 8, 16, 12)]
+        assert all(v.dtype == torch.float32 and v.isfinite().all() for v in views) and labels.shape == (4,)
+
+
 # ----------------------------------------------------------------------------- the device path: budget, kNN monitor
 
 class CountingImages(common.FakeImages):

@@ -20,6 +20,7 @@ from common import UserError
 from common import (DeviceViews, MultiView, ViewSpec, apply_view, batched_view, sample_view_params,
                           torchvision_view, view_generator)
 from common.views import _adjust_hue, _blend_op, _color_jitter, _crop_resize_flip, _gaussian_blur, _grayscale
+from sync_detector import SyncDetector
 
 MEAN_STD = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 BYOL = ViewSpec(crop_scale=(0.08, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
@@ -135,9 +136,11 @@ def test_color_jitter_applies_each_samples_own_order(hue):
 
 
 def reference_view(img, p, i, spec, size, mean_std):
-    """Plain per-sample transcription with torchvision's functional float ops at the sampled parameters."""
+    """Plain per-sample transcription with torchvision's functional float ops at the sampled parameters, at the
+    spec's own size if it has one, else `size`."""
+    side = spec.size or size
     x = F.resized_crop(img.float() / 255, p["top"][i].item(), p["left"][i].item(), p["height"][i].item(),
-                       p["width"][i].item(), [size, size], antialias=True)
+                       p["width"][i].item(), [side, side], antialias=True)
     if p["flip"][i]:
         x = F.hflip(x)
     if p["jitter"][i]:
@@ -154,14 +157,14 @@ def reference_view(img, p, i, spec, size, mean_std):
     return F.normalize(x, *mean_std)
 
 
-@pytest.mark.parametrize("size", [32, 24])
-def test_apply_view_matches_per_sample_reference(size):
+@pytest.mark.parametrize("size,spec_size,side", [(32, 0, 32), (24, 0, 24), (32, 12, 12)])  # spec.size wins
+def test_apply_view_matches_per_sample_reference(size, spec_size, side):
     img = images(16, 36, 40)
     spec = ViewSpec(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.3, blur_p=0.5,
-                    solarize_p=0.3)
+                    solarize_p=0.3, size=spec_size)
     p = sample_view_params(spec, 16, (36, 40), size, torch.Generator().manual_seed(3), "cpu")
     out = apply_view(img, p, spec, size, MEAN_STD)
-    assert out.shape == (16, 3, size, size) and out.dtype == torch.float32
+    assert out.shape == (16, 3, side, side) and out.dtype == torch.float32
     for i in range(16):
         assert (out[i] - reference_view(img[i], p, i, spec, size, MEAN_STD)).abs().max() <= 1e-4
 
@@ -248,14 +251,18 @@ def test_crop_distribution_matches_torchvision(in_hw, scale, ratio):
     assert abs(frac.mean().item() - frac_tv.mean().item()) <= 4 * se
 
 
-def test_batched_and_torchvision_views_have_the_same_distribution():
+@pytest.mark.parametrize("spec", [BYOL, dataclasses.replace(BYOL, crop_scale=(0.05, 0.2), size=12)],
+                         ids=["run-size", "small-crop-12px"])
+def test_batched_and_torchvision_views_have_the_same_distribution(spec):
     """End to end, one image, 500 views each way: per-channel means agree within 4 standard errors (of the
-    difference of two means of per-view means) and pixel standard deviations within 5 %."""
-    img, n = images(1, 40, 40)[0], 500
-    tv = torchvision_view(BYOL, 32, MEAN_STD)
+    difference of two means of per-view means) and pixel standard deviations within 5 %. Also for a multi-crop
+    style small view, which both paths make at its own 12 px rather than the run's 32."""
+    img, n, side = images(1, 40, 40)[0], 500, spec.size or 32
+    tv = torchvision_view(spec, 32, MEAN_STD)
     torch.manual_seed(0)
     a = torch.stack([tv(F.to_pil_image(img)) for _ in range(n)])
-    b = batched_view(BYOL, img.expand(n, -1, -1, -1).contiguous(), 32, MEAN_STD, torch.Generator().manual_seed(0))
+    b = batched_view(spec, img.expand(n, -1, -1, -1).contiguous(), 32, MEAN_STD, torch.Generator().manual_seed(0))
+    assert a.shape == b.shape == (n, 3, side, side)
     se = torch.sqrt(a.mean((2, 3)).var(0) / n + b.mean((2, 3)).var(0) / n)
     assert ((a.mean((0, 2, 3)) - b.mean((0, 2, 3))).abs() <= 4 * se).all()
     assert ((a.std((0, 2, 3)) / b.std((0, 2, 3)) - 1).abs() <= 0.05).all()
@@ -392,6 +399,20 @@ def solarize_batched(spec):  # every sample solarised: x -> 1 - x where x >= 0.5
     assert p["solarize"].all() and torch.allclose(out, torch.minimum(plain, 1 - plain), atol=1e-6, rtol=0)
 
 
+def size_batched(spec):  # 48 x 48 output from the 32 x 32 images, blurred with the 48 px default kernel: 5 x 5
+    p, out = batched(spec)  # (2 * (48 // 20) + 1; the run's 32 px would give 3 x 3)
+    sharp = batched(spec, blur=True)[1]
+    assert out.shape == (ROW_N, 3, 48, 48)
+    assert all((out[i] - F.gaussian_blur(sharp[i], [5, 5], [p["sigma"][i].item()] * 2)).abs().max() <= 1e-5
+               for i in range(8))
+
+
+def size_torchvision(spec):  # the crop resizes to 48 x 48 with the 5 x 5 default blur, and the output is 48 px
+    out = torchvision_view(spec, SIDE, PLAIN)(F.to_pil_image(ROW_IMAGES[0]))
+    assert tv_op(spec, T.RandomResizedCrop)[0].size == (48, 48) and tv_op(spec, T.GaussianBlur)[0].kernel_size == (5, 5)
+    assert out.shape == (3, 48, 48)
+
+
 SPEC_ROWS = {  # field: (value, the other fields it needs, batched check, torchvision check)
     "crop_scale": ((0.25, 0.25), {}, crop_scale_batched,
                    lambda s: tv_op(s, T.RandomResizedCrop)[0].scale == (0.25, 0.25) or fail()),
@@ -412,6 +433,7 @@ SPEC_ROWS = {  # field: (value, the other fields it needs, batched check, torchv
     "solarize_p": (1.0, {}, solarize_batched,
                    lambda s: (tv_op(s, T.RandomSolarize)[0].p, tv_op(s, T.RandomSolarize)[0].threshold) == (1.0, 128)
                    or fail()),
+    "size": (48, dict(blur_p=1.0), size_batched, size_torchvision),
 }
 
 
@@ -458,21 +480,45 @@ def collect(dv, epoch, start_step=0):
 
 
 SPECS = [BYOL, ViewSpec(crop_scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=1.0)]
+# multi-crop as SMoG's (https://arxiv.org/abs/2207.06167 Sec. 3.4: large views with crop scale [0.2, 1], small ones
+# with [0.05, 0.2]): views at the run's size and small crops at their own size, with blur (each view's own default
+# kernel), in an order that interleaves the sizes
+MULTI = [BYOL, dataclasses.replace(BYOL, crop_scale=(0.05, 0.2), size=8),
+         dataclasses.replace(BYOL, solarize_p=0.0), ViewSpec(crop_scale=(0.05, 0.2), blur_p=1.0, size=24)]
 
 
-def test_device_views_two_processes_equal_one():
+@pytest.mark.parametrize("specs,sides", [(SPECS, [16, 16]), (MULTI, [16, 8, 16, 24])], ids=["one-size", "multi-size"])
+def test_device_views_two_processes_equal_one(specs, sides):
     data = PILData(20)
-    one = DeviceViews(data, SPECS, 16, MEAN_STD, 8, 1, 0, "cpu", seed=3)
-    two = [DeviceViews(data, SPECS, 16, MEAN_STD, 8, 2, r, "cpu", seed=3) for r in range(2)]
+    one = DeviceViews(data, specs, 16, MEAN_STD, 8, 1, 0, "cpu", seed=3)
+    two = [DeviceViews(data, specs, 16, MEAN_STD, 8, 2, r, "cpu", seed=3) for r in range(2)]
     assert len(one) == len(two[0]) == 2  # 20 // 8, drop_last
     a, b0, b1 = collect(one, 0), collect(two[0], 0), collect(two[1], 0)
     for (va, la, ia), (v0, l0, i0), (v1, l1, i1) in zip(a, b0, b1):
         assert torch.equal(ia, torch.cat([i0, i1])) and torch.equal(la, torch.cat([l0, l1]))
         assert torch.equal(la, ia % 5)
+        assert [x.shape for x in va] == [(8, 3, s, s) for s in sides]  # one view per spec, in order, at its size
         for x, x0, x1 in zip(va, v0, v1):
-            assert x.shape == (8, 3, 16, 16) and torch.equal(x, torch.cat([x0, x1]))
+            assert torch.equal(x, torch.cat([x0, x1]))
     seen = torch.cat([i for _, _, i in a])
     assert len(seen.unique()) == 16  # a permutation: no image twice in an epoch
+
+
+def test_device_views_multi_size_has_no_host_sync():
+    """The device path with views of several sizes: nothing in an epoch's batches would make the host wait for a
+    CUDA device (tests/sync_detector.py; parameters are drawn on the CPU and copied without blocking)."""
+    dv = DeviceViews(PILData(20), MULTI, 16, MEAN_STD, 8, 2, 1, "cpu", seed=3)
+    dv.set_epoch(1)
+    with SyncDetector() as syncs:
+        batches = list(dv)
+    assert len(batches) == 2 and syncs.ops == [], syncs.ops
+
+
+def test_viewspec_size_must_be_a_whole_number_of_pixels():
+    assert ViewSpec(size=96).output_size(224) == 96 and ViewSpec().output_size(224) == 224
+    for bad in (-1, 12.5, True):
+        with pytest.raises(ValueError, match="ViewSpec.size"):
+            ViewSpec(size=bad)
 
 
 def test_device_views_resume_and_epochs():
