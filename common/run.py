@@ -50,6 +50,7 @@ def make_accelerator(cfg):
         log_with=trackers[cfg.report_to] or None, project_dir="runs",  # Run points the trackers at the run folder
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         dynamo_backend=(backend if backend != "no" else "inductor") if cfg.compile else "no",
+        gradient_accumulation_steps=cfg.accumulate,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -101,6 +102,13 @@ def provenance(accelerator):
             "mixed_precision": accelerator.mixed_precision, "hostname": platform.node()}
 
 
+def zero_grad(optimizer, accelerator):
+    """Zero the gradients on the first batch of each --accumulate window (every batch without accumulation), where
+    a train_step starts; Accelerate's own optimizer.zero_grad() acts only on a window's last batch."""
+    if (accelerator.step - 1) % accelerator.gradient_accumulation_steps == 0:
+        getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -116,8 +124,12 @@ class Run:
         broadcast_object_list(name)  # one folder on every process
         self.out = name[0]
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
-        # the schedule
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, cfg.epochs * steps_per_epoch
+        # the schedule, in batches; an epoch drops its last batches that do not fill an --accumulate window
+        if steps_per_epoch < cfg.accumulate:
+            raise UserError(f"--accumulate {cfg.accumulate} exceeds the {steps_per_epoch} batches of an epoch.")
+        self.steps_per_epoch = steps_per_epoch - steps_per_epoch % cfg.accumulate
+        self.updates_per_epoch = self.steps_per_epoch // cfg.accumulate  # optimiser updates: the schedules' unit
+        self.total_steps = cfg.epochs * self.steps_per_epoch
         self.last_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)  # this invocation ends after it
         # progress: the current step and epoch, images seen in this epoch and its start time, the progress bar
         self.step, self.epoch, self.seen, self.epoch_tic, self.tic, self.bar = 0, 0, 0, time.time(), time.time(), None
@@ -230,10 +242,19 @@ class Run:
         loader.set_epoch(epoch, start_step)
         self.seen, self.epoch_tic = 0, time.time()
         self.bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", initial=start_step,
-                        total=len(loader), disable=not self.accelerator.is_local_main_process)
-        for batch in self.bar:
+                        total=self.steps_per_epoch, disable=not self.accelerator.is_local_main_process)
+        for i, batch in enumerate(self.bar, start_step):
+            if i == self.steps_per_epoch:  # the batches after the last full --accumulate window
+                break
             self.seen += self.cfg.batch_size
             yield batch
+
+    def accumulate(self, step, model):
+        """Context of one batch (Accelerate's accumulate): the optimiser steps, gradients synchronise and
+        accelerator.sync_gradients is True on the last batch of each --accumulate window. The window is counted
+        from the run's step, so a resumed run stays in phase."""
+        self.accelerator.step = step
+        return self.accelerator.accumulate(model)
 
     def monitor(self, epoch, step, backbone, diagnostics_fn):
         """kNN top-1 of the backbone (train split as memory, test split as queries) and the method's diagnostics:

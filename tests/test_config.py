@@ -1,5 +1,7 @@
 """common/config.py: flags from a dataclass, their help text and errors, and the seeding rule."""
 import dataclasses
+import json
+import os
 from typing import Literal
 
 import pytest
@@ -73,3 +75,59 @@ def test_method_configs_extend_the_base_config():
     for m in (median_triplet, smog, ressl, hnpm, reco):
         assert issubclass(m.Config, common.BaseConfig)
         assert [f.name for f in dataclasses.fields(m.Config)][:len(base)] == base  # generic fields first
+
+
+# ----------------------------------------------------------------------------- recipes
+
+@dataclasses.dataclass
+class RecipeCfg(common.BaseConfig):
+    tau: float = 0.1  # a method's own value
+
+
+PAPER = {"lr": 0.3, "epochs": 100, "optimizer": "lars", "tau": 0.2}
+
+
+@pytest.mark.parametrize("argv, recipe", [([], "small"), (["--dataset", "imagenet"], "paper"),
+                                           (["--dataset", "imagenet100"], "paper"), (["--dataset", "stl10"], "small"),
+                                           (["--recipe", "paper"], "paper"),
+                                           (["--dataset", "imagenet", "--recipe", "small"], "small")])
+def test_recipe_auto_and_explicit(argv, recipe):
+    cfg = common.parse_config(RecipeCfg, argv, PAPER)
+    assert cfg.recipe == recipe
+    expected = PAPER if recipe == "paper" else {"lr": 0.06, "epochs": 200, "optimizer": "sgd", "tau": 0.1}
+    assert {k: getattr(cfg, k) for k in PAPER} == expected
+
+
+def test_recipe_flags_given_win_even_at_their_default_value():
+    """--lr 0.06 is the default's value, yet it was typed: the paper's lr must not replace it."""
+    cfg = common.parse_config(RecipeCfg, ["--recipe", "paper", "--lr", "0.06", "--no-compile", "--tau", "0.5"], PAPER)
+    assert (cfg.lr, cfg.tau, cfg.epochs, cfg.optimizer) == (0.06, 0.5, 100, "lars")
+    assert common.explicit_flags(RecipeCfg, ["--lr", "0.06", "--no-compile"]) == {"lr", "compile"}
+
+
+def test_recipe_of_an_image_folder_follows_its_image_size(tmp_path):
+    from PIL import Image
+    for name, side in (("small", 64), ("large", 128)):
+        os.makedirs(tmp_path / name / "train" / "a")
+        Image.new("RGB", (side + 20, side)).save(tmp_path / name / "train" / "a" / "0.jpg")
+    for name, recipe in (("small", "small"), ("large", "paper"), ("missing", "small")):
+        argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / name)]
+        assert common.parse_config(RecipeCfg, argv, PAPER).recipe == recipe
+
+
+def test_resolve_recipe_in_python_and_bad_tables():
+    cfg = common.resolve_recipe(RecipeCfg(recipe="paper", lr=0.5), PAPER)  # Python: non-default values count as set
+    assert (cfg.recipe, cfg.lr, cfg.epochs) == ("paper", 0.5, 100)
+    with pytest.raises(ValueError, match="nope"):
+        common.resolve_recipe(RecipeCfg(recipe="paper"), {"nope": 1})
+    with pytest.raises(common.UserError, match="no paper recipe"):
+        common.resolve_recipe(RecipeCfg(recipe="paper"), None)
+    assert common.parse_config(Cfg, ["--lr", "0.5"]) == Cfg(lr=0.5)  # a Config without a recipe field: as parsed
+
+
+def test_print_config_prints_the_resolved_json_and_does_not_train(capsys):
+    def train(cfg):
+        raise AssertionError("--print-config must not train")
+    common.run_main(train, RecipeCfg, ["--print-config", "--dataset", "imagenet", "--epochs", "5"], PAPER)
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["recipe"] == "paper" and shown["epochs"] == 5 and shown["lr"] == 0.3 and shown["tau"] == 0.2

@@ -421,3 +421,41 @@ def test_resume_takes_the_complete_checkpoint_with_the_highest_step(tmp_path):
     (tmp_path / "checkpoint-100" / "progress.json").write_text(json.dumps({"epoch": 25, "step": 100}))
     assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
     assert common.latest_checkpoint(str(tmp_path / "absent")) is None
+
+
+def test_accumulation_of_n_batches_is_one_update_of_the_whole_batch():
+    """--accumulate 3: three batches of 4 through Run.accumulate + common.zero_grad + backward + step give the SGD
+    update of one step on the 12 rows (a per-row loss, no BatchNorm), the optimiser steps once per window, and
+    sync_gradients is True exactly on each window's last batch; the next window starts from zero gradients."""
+    import types
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 5), torch.randn(24, 1)
+    init = torch.nn.Linear(5, 1)
+
+    def train(accumulate, batch):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+        model = torch.nn.Linear(5, 1)
+        model.load_state_dict(init.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model, opt = acc.prepare(model, opt)
+        run, syncs = types.SimpleNamespace(accelerator=acc), []
+        for step in range(len(x) // batch):
+            rows = slice(step * batch, (step + 1) * batch)
+            with common.Run.accumulate(run, step, model):
+                common.zero_grad(opt, acc)
+                acc.backward(torch.nn.functional.mse_loss(model(x[rows]), y[rows]))
+                opt.step()
+                syncs.append(acc.sync_gradients)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return model.weight.detach().clone(), syncs
+
+    w_acc, syncs = train(3, 4)
+    w_one, _ = train(1, 12)
+    assert syncs == [False, False, True] * 2
+    assert torch.allclose(w_acc, w_one, atol=1e-6)
+    assert not torch.allclose(w_acc, init.weight)
