@@ -127,11 +127,9 @@ def linf_normalize(u, eps=1e-12):
 
 
 def pairwise_dissim(a, b):
-    """DisSim of every row of `a` (Na, D) against every row of `b` (Nb, D), Eq. (3), inputs L-inf normalised.
-
-    Written as |a|^2 + |b|^2 - 2 a.b so that memory is (Na, Nb), not (Na, Nb, D); same value as the loop
-    `((a[i] - b[j]) ** 2).mean()` up to float rounding (exact for small integer entries, which the tests use).
-    """
+    """DisSim of every row of `a` (Na, D) against every row of `b` (Nb, D), Eq. (3), inputs L-inf normalised. Expanded
+    (below) so that memory is (Na, Nb), not (Na, Nb, D); same value as the loop `((a[i] - b[j]) ** 2).mean()` up to
+    float rounding (exact for small integer entries, which the tests use)."""
     # Interpretation 1: the vector (a - b)^2 is reduced by the MEAN over the D dims
     # Eq. (3): DisSim(a, b) = mean_k (a_k - b_k)^2 = (|a|^2 + |b|^2 - 2 a.b) / D
     sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * a @ b.T  # (Na, Nb)
@@ -151,11 +149,9 @@ def hard_negative_mask(d, threshold=1.0, mining="threshold"):
     assert mining in MINING, f"mining={mining!r}: use one of {MINING}"
     idx = torch.arange(d.shape[0], device=d.device)
     not_self = idx[:, None] != idx[None, :]  # (B, B)
-    if mining == "all":
-        # Interpretation 5: "w/o HNPM" takes every other sample of the batch as a negative
+    if mining == "all":  # Interpretation 5: "w/o HNPM" takes every other sample of the batch as a negative
         return not_self
-    if mining == "hardest":
-        # Interpretation 5: Sec. 3, "we only retain the most similar pair of two different samples"
+    if mining == "hardest":  # Interpretation 5: Sec. 3, "we only retain the most similar pair of two different samples"
         nearest = d.masked_fill(~not_self, float("inf")).argmin(dim=1)  # (B,)
         return (idx[None, :] == nearest[:, None]) & not_self  # (B, B)
     # Eq. (5): B~_i = {I_j in B_i, I_j != I_i, DisSim(U'_i, U_j) <= 1}

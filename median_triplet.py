@@ -159,12 +159,10 @@ def negative_index(p, z, k=None, *, pos_offset=0, k_range=None):
 
 
 def over_clustering_probability(m, k, p):
-    """Sec. 3.3: probability that at least k of m negatives share the anchor's class (class probability p).
-
-    Pr = sum_{j=k..m} C(m, j) p^j (1 - p)^(m - j)   (binomial upper tail), summed in log space so that values far
-    below float64's normal range (the paper's m = 104, k = 52, p = 1e-3 gives ~1e-126) stay accurate.
-    Interpretation 3: the paper's printed 6.53e-121 (k = 52) and 3.03e-94 (k = 5) do not follow from this formula.
-    """
+    """Sec. 3.3: probability that at least k of m negatives share the anchor's class (class probability p): the
+    binomial upper tail, summed in log space so that values far below float64's normal range (the paper's m = 104,
+    k = 52, p = 1e-3 gives ~1e-126) stay accurate.
+    Interpretation 3: the paper's printed 6.53e-121 (k = 52) and 3.03e-94 (k = 5) do not follow from this formula."""
     assert m >= 0 and 0 <= k <= m + 1 and 0.0 <= p <= 1.0, f"need m >= 0, 0 <= k <= m + 1, 0 <= p <= 1: {m}, {k}, {p}"
     if k == 0:
         return 1.0
@@ -196,16 +194,12 @@ def overclustering_events(neg_idx, anchor_labels, all_labels):
 # ----------------------------------------------------------------------------- Momentum, schedules
 
 class MomentumState(nn.Module):
-    """What is not trained by the optimiser: the EMA target (backbone + projector).
-
-    Identical on every process: it is updated from the synchronised online network. Registered with Accelerate so
-    that checkpoints hold it.
-    """
+    """What is not trained by the optimiser: the EMA target (backbone + projector). Identical on every process (it
+    follows the synchronised online network); registered with Accelerate so that checkpoints hold it."""
 
     def __init__(self, online):
         super().__init__()
-        self.target = copy.deepcopy(nn.Sequential(online.backbone, online.projector))
-        self.target.requires_grad_(False)
+        self.target = copy.deepcopy(nn.Sequential(online.backbone, online.projector)).requires_grad_(False)
 
 
 @torch.no_grad()

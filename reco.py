@@ -149,9 +149,7 @@ def to_split_bn(module, num_splits):
 def infonce_loss(q, k, queue, tau=0.2):
     """MoCo-v2 InfoNCE, Eq. (1). q (B, D) queries (carry gradient), k (B, D) positive keys, queue (K, D) -> scalar.
     All three are L2-normalised here; k and the queue are detached (they come from the momentum encoder)."""
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.detach().float(), dim=1)
-    queue = F.normalize(queue.detach().float(), dim=1)
+    q, k, queue = (F.normalize(t.float(), dim=1) for t in (q, k.detach(), queue.detach()))
     # Eq. (1): -1/N sum_i log exp(v_i.v^_i/tau) / (exp(v_i.v^_i/tau) + sum_j exp(v_i.v^_j/tau)); positive is logit 0
     pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     neg = q @ queue.T  # (B, K)
@@ -163,9 +161,7 @@ def global_relation_loss(v, v_weak, queue, tau_ot=0.1, tau_tt=0.04):
     """Global distribution relation, Eq. (3): mean_i KL(S^t(i) || S^o(i)) -> scalar. v (B, D) online features of x_i
     (carry gradient); v_weak (B, D) momentum features of the weak view x-_i (detached); queue (K, D) the bank
     (detached); all L2-normalised here. The KL value itself: 0 when S^t = S^o; its gradient is the cross-entropy's."""
-    v = F.normalize(v.float(), dim=1)
-    v_weak = F.normalize(v_weak.detach().float(), dim=1)
-    queue = F.normalize(queue.detach().float(), dim=1)
+    v, v_weak, queue = (F.normalize(t.float(), dim=1) for t in (v, v_weak.detach(), queue.detach()))
     # S^o(i) = softmax_j(v_i . v~_j / tau_ot), S^t(i) = softmax_j(v-_i . v~_j / tau_tt), as log-probabilities
     log_s_o = F.log_softmax(v @ queue.T / tau_ot, dim=1)  # (B, K)
     log_s_t = F.log_softmax(v_weak @ queue.T / tau_tt, dim=1)  # (B, K), no gradient
@@ -197,8 +193,7 @@ def interpolated_target(v, v_partner, r):
     of x_i; v_partner (B, D) row i: features of partner j of i (which encoders': --feature-pair, Interpretation 1);
     r a float or a (B,) tensor, the ratio of x_i in the interpolated image (CutMix: its kept-area fraction)."""
     # Interpretation 1: both features L2-normalised before mixing
-    v = F.normalize(v.detach().float(), dim=1)
-    v_partner = F.normalize(v_partner.detach().float(), dim=1)
+    v, v_partner = (F.normalize(t.detach().float(), dim=1) for t in (v, v_partner))
     r = r[:, None] if torch.is_tensor(r) and r.dim() == 1 else r  # (B, 1) or scalar
     # Eq. (5)
     return F.normalize(r * v + (1 - r) * v_partner, dim=1)
@@ -250,9 +245,8 @@ class MomentumState(nn.Module):
 
     def __init__(self, online, queue_size, dim, splits_per_process, weak_bank=False):
         super().__init__()
-        self.momentum_encoder = to_split_bn(copy.deepcopy(nn.Sequential(online.backbone, online.head)),
-                                            splits_per_process)
-        self.momentum_encoder.requires_grad_(False)
+        encoder = copy.deepcopy(nn.Sequential(online.backbone, online.head))
+        self.momentum_encoder = to_split_bn(encoder, splits_per_process).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # random unit keys (MoCo)
         if weak_bank:
             self.register_buffer("queue_weak", F.normalize(torch.randn(queue_size, dim), dim=1))

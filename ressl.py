@@ -141,14 +141,9 @@ def to_split_bn(module, num_splits):
 # ----------------------------------------------------------------------------- Loss
 
 def relation_loss(z_s, z_t, queue, tau_s=0.1, tau_t=0.04):
-    """Relational consistency, Eqs. (3)-(5). z_s (B, D) student, z_t (B, D) teacher, queue (K, D) -> scalar.
-
-    Returns the mean cross-entropy H(p^2, p^1); it differs from KL(p^2 || p^1) by H(p^2), which has no gradient.
-    No gradient reaches z_t or the queue.
-    """
-    z_s = F.normalize(z_s.float(), dim=1)
-    z_t = F.normalize(z_t.detach().float(), dim=1)
-    queue = F.normalize(queue.detach().float(), dim=1)
+    """Relational consistency, Eqs. (3)-(5). z_s (B, D) student, z_t (B, D) teacher, queue (K, D) -> scalar, the
+    mean cross-entropy H(p^2, p^1) (Eq. 5's KL up to a constant). No gradient reaches z_t or the queue."""
+    z_s, z_t, queue = (F.normalize(t.float(), dim=1) for t in (z_s, z_t.detach(), queue.detach()))
     # Eq. (3): p^1 = softmax(z_s . Q^T / tau_s), kept as log-probabilities
     log_p1 = F.log_softmax(z_s @ queue.T / tau_s, dim=1)  # (B, K)
     # Eq. (4): p^2 = softmax(z_t . Q^T / tau_t), the sharper target
@@ -159,9 +154,7 @@ def relation_loss(z_s, z_t, queue, tau_s=0.1, tau_t=0.04):
 
 def infonce_loss(z_s, z_t, queue, tau):
     """InfoNCE, Eq. (1): positive z_s . z_t, negatives z_s . Q^T. z_s, z_t (B, D), queue (K, D) -> scalar."""
-    z_s = F.normalize(z_s.float(), dim=1)
-    z_t = F.normalize(z_t.detach().float(), dim=1)
-    queue = F.normalize(queue.detach().float(), dim=1)
+    z_s, z_t, queue = (F.normalize(t.float(), dim=1) for t in (z_s, z_t.detach(), queue.detach()))
     # Eq. (1): -log exp(pos/tau) / (exp(pos/tau) + sum_k exp(neg_k/tau)); the positive is logit 0
     pos = (z_s * z_t).sum(dim=1, keepdim=True)  # (B, 1)
     neg = z_s @ queue.T  # (B, K)
@@ -177,16 +170,13 @@ def total_loss(rel, nce, alpha):
 # ----------------------------------------------------------------------------- Momentum, queue, schedules
 
 class MomentumState(nn.Module):
-    """What is not trained by the optimiser: the EMA teacher, the queue Q and its labels (monitoring only).
-
-    Identical on every process: the teacher is updated from the synchronised student, the queue from keys gathered
-    from all processes. Registered with Accelerate so that checkpoints hold it.
-    """
+    """What is not trained by the optimiser: the EMA teacher, the queue Q and its labels (monitoring only). Identical
+    on every process (the teacher follows the synchronised student, the queue gets keys gathered from all processes);
+    registered with Accelerate so that checkpoints hold it."""
 
     def __init__(self, student, queue_size, dim, bn_groups=None):
         super().__init__()
-        self.teacher = copy.deepcopy(nn.Sequential(student.backbone, student.projector))
-        self.teacher.requires_grad_(False)
+        self.teacher = copy.deepcopy(nn.Sequential(student.backbone, student.projector)).requires_grad_(False)
         if bn_groups:  # shuffle BN: BN groups per process of the shuffled global batch (Sec. 4, no predictor)
             to_split_bn(self.teacher, bn_groups)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # Interpretation 4

@@ -145,23 +145,18 @@ def group_counts(assign, num_groups):
 
 
 def update_groups(groups, z, assign, beta, counts=None):
-    """Eq. (4): every group with at least one assigned row moves to normalize(beta * g + (1 - beta) * mean of the
-    normalised rows of z assigned to it); empty groups are unchanged. -> new (K, D) float32 groups.
-
-    groups (K, D) are constants; z (B, D) online features get the gradient through the result (the "synchronous"
-    grouping of Sec. 3.2); assign (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules);
-    counts the (K,) group_counts(assign, K) when the caller has them already. Under torch.distributed the sums are
-    summed over processes with an autograd-aware all-reduce: every process gets the groups of the global batch, and
-    the gradient reaches the features of every process.
-    """
+    """Eq. (4) -> new (K, D) float32 groups; groups with no assigned row are unchanged. groups (K, D) are constants;
+    z (B, D) online features get the gradient through the result (the "synchronous" grouping of Sec. 3.2); assign
+    (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules); counts the (K,)
+    group_counts(assign, K) when the caller has them already. Under torch.distributed the sums are all-reduced with
+    autograd: every process gets the global batch's groups, and the gradient reaches every process's features."""
     groups = groups.detach().float()  # (K, D)
     counts = group_counts(assign, len(groups)) if counts is None else counts  # (K,)
     sums = memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1)  # (K, D)
     if world_size() > 1:
         sums = dist_nn.all_reduce(sums)  # backward sums the gradients of every process's loss
     mean = sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
-    if isinstance(beta, torch.Tensor):
-        beta = beta.unsqueeze(1)  # (K, 1); a Python float stays one (no host-to-device copy)
+    beta = beta.unsqueeze(1) if isinstance(beta, torch.Tensor) else beta  # (K, 1); a float stays one (no H2D copy)
     # Eq. (4): g_k <- beta * g_k + (1 - beta) * mean_{c_t = g_k} f(x_t), then normalised (the paper omits it)
     updated = F.normalize(beta * groups + (1.0 - beta) * mean, dim=1)  # (K, D)
     return torch.where((counts > 0).unsqueeze(1), updated, groups)  # empty groups unchanged
@@ -180,18 +175,14 @@ def smog_loss(p, groups, target, tau=0.1):
 
 class MomentumState(nn.Module):
     """What the optimiser does not train: the momentum network f^_eta, the group features, the cache of the last
-    --reset-every iterations' projections (for the k-means) and the running group sizes ("average" rules).
-
-    Identical on every process: f^_eta follows the synchronised online network, the groups are updated from sums
-    reduced over processes, the cache holds gathered features, each k-means is broadcast from process 0.
-    Registered with Accelerate so that checkpoints hold it.
-    """
+    --reset-every iterations' projections (for the k-means) and the running group sizes ("average" rules). Identical
+    on every process (f^_eta follows the synchronised online network, the groups sums reduced over processes, the
+    cache gathered features, each k-means is broadcast from process 0); checkpoints hold it."""
 
     def __init__(self, online, num_groups, dim, cache_size, num_classes):
         super().__init__()
         self.num_classes = num_classes  # for the group label-entropy diagnostic only
-        self.target = copy.deepcopy(nn.Sequential(online.backbone, online.projector))
-        self.target.requires_grad_(False)
+        self.target = copy.deepcopy(nn.Sequential(online.backbone, online.projector)).requires_grad_(False)
         self.register_buffer("groups", F.normalize(torch.randn(num_groups, dim), dim=1))  # (K, D)
         self.register_buffer("cache", torch.zeros(cache_size, dim))  # (reset_every * global batch, D)
         self.register_buffer("seen", torch.zeros(num_groups))  # n_k of the "average" rules (Deviation 2)
@@ -199,8 +190,7 @@ class MomentumState(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, m):
-    """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameter lists; BN running
-    statistics are copied."""
+    """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameters; BN statistics copied."""
     params = list(target.parameters())
     torch._foreach_mul_(params, m)
     torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
@@ -217,10 +207,9 @@ def beta_schedule(step, total_steps, end=0.99, start=1.0, kind="linear"):
 
 @torch.no_grad()
 def spherical_kmeans(x, k, iters=10, generator=None, chunk=8192):
-    """Spherical k-means (cosine similarity, unit centroids) of x (N, D) on x's device -> centroids (k, D) and the
-    (k,) counts of the last assignment. Starts from k distinct random rows; when N < k, all N rows plus k - N random
-    unit vectors (a copy of a row could never win an argmax). An empty centroid keeps its previous value. The
-    generator lives on x's device: the draws need no host-to-device copy."""
+    """Spherical k-means (cosine similarity, unit centroids) of x (N, D) -> centroids (k, D) and the (k,) counts of the
+    last assignment. Starts from k distinct random rows; when N < k, all N rows plus k - N random unit vectors (a copy
+    of a row could never win an argmax); an empty centroid keeps its previous value. `generator`: on x's device."""
     x = F.normalize(x.float(), dim=1)  # (N, D)
     n = len(x)
     centroids = x[torch.randperm(n, generator=generator, device=x.device)[:k]]  # (min(n, k), D)
@@ -246,9 +235,7 @@ def kmeans_groups(x, cfg, step):
 def gather_with_grad(x):
     """All-gather (B, D) -> (N, D) keeping the autograd graph (accelerator.gather has none): the backward sums each
     row's gradient over processes (x world size), which DDP's gradient averaging divides out again."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()))
+    return torch.cat(dist_nn.all_gather(x.contiguous())) if world_size() > 1 else x
 
 
 def group_step(groups, z, assign, counts, rule, beta, seen, seed):
@@ -308,16 +295,14 @@ def check_config(cfg, num_processes):
     for name in ("reset_every", "kmeans_iters"):
         require(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}.")
     require(cfg.tau > 0, f"--tau must be positive, got {cfg.tau}.")
-    for name in ("ema_momentum", "beta_end"):
-        require(0 <= getattr(cfg, name) <= 1,
-                f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}.")
+    require(0 <= cfg.ema_momentum <= 1, f"--ema-momentum must lie in [0, 1], got {cfg.ema_momentum}.")
+    require(0 <= cfg.beta_end <= 1, f"--beta-end must lie in [0, 1], got {cfg.beta_end}.")
     require(0 < cfg.crop_min_scale <= 1, f"--crop-min-scale must lie in (0, 1], got {cfg.crop_min_scale}.")
 
 
 def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
-    """The loss of this process's share of the batch -> (loss, new groups (K, D), online projections of the global
-    batch z_all (N, D), logs). The new groups are stored by train_step after the optimiser step; the k-means
-    initialisation of step 0 is stored here, since it does not depend on the optimiser step."""
+    """The loss of this process's share of the batch -> (loss, new groups (K, D) for train_step to store, the global
+    batch's online projections z_all (N, D), logs). Step 0's k-means initialisation is stored here."""
     # Interpretation 5: the two schemes swap streams every iteration (Sec. 3.4)
     x_a, x_b = views if step % 2 == 0 else views[::-1]
     z_a, p_a = online(x_a)  # (B, D) each: online projection f_theta(x^a) and prediction
@@ -326,8 +311,7 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     z_all = accelerator.gather(z_a.detach().float().contiguous())  # (N, D) no gradient: cache, init, diagnostics
     if cfg.group_init == "kmeans" and step == 0:  # Interpretation 4: k-means of the first global batch
         state.groups.copy_(kmeans_groups(z_all, cfg, step)[0])
-    groups = state.groups  # the groups before this batch (train_step stores the new ones after the step)
-    # Eq. (4), first line, with the groups before this batch (Interpretation 3)
+    groups = state.groups  # Eq. (4), first line, with the groups before this batch (Interpretation 3)
     target = assign_groups(z_b, groups)  # (B,) c_i^b, from the momentum network
     assign = assign_groups(z_a, groups)  # (B,) c_i^a, the groups the online features update
     counts = group_counts(assign, cfg.num_groups)  # (K,) over the global batch
@@ -348,10 +332,9 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
 
 
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
-    """One optimiser step in the paper's order: the periodic reset when due (Sec. 3.2), assignment to the groups
-    before this batch, their update by it (Eq. 4), the loss against the updated groups (Eq. 3), SGD on f_theta, the
-    momentum update of f^_eta; then the new groups and the batch's projections (for the next k-means) are stored,
-    unless the fp16 loss scaler skipped the step. No host synchronisation."""
+    """One optimiser step in the paper's order, no host sync: the periodic reset when due (Sec. 3.2), forward_loss
+    (Eqs. 3-4), SGD on f_theta, the momentum update of f^_eta; then the new groups and the batch's projections (for
+    the next k-means) are stored, unless the fp16 loss scaler skipped the step."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     raw = accelerator.unwrap_model(online)
