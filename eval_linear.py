@@ -100,8 +100,8 @@ EVAL_RECIPES = {
                   lr_scaling="linear", weight_decay=0.0, schedule="cosine", augment="resized-crop"),
     # HNPM, https://arxiv.org/abs/2202.13072 Sec. 4.1 gives no setting; it evaluates "by freezing the SSL model and
     # training a separate linear classifier after the SSL model [Grill and others, 2020; ...]", BYOL being also the
-    # student-teacher (EMA) family it builds on. Not in the paper, all of it: BYOL's linear protocol (https://arxiv.org/abs/2006.07733
-    # Appendix C.1: SGD with Nesterov momentum 0.9, batch 1024, 80 epochs, no weight decay; the lr, swept there over
+    # student-teacher (EMA) family it builds on. Not in the paper, all of it: BYOL's linear protocol
+    # (https://arxiv.org/abs/2006.07733 Appendix C.1: SGD with Nesterov momentum 0.9, batch 1024, 80 epochs, no weight decay; the lr, swept there over
     # {0.4, 0.3, 0.2, 0.1, 0.05}, is 0.2 x batch / 256 with cosine decay in the released byol/configs/eval.py and
     # byol/utils/schedules.py of https://github.com/deepmind/deepmind-research).
     "hnpm": dict(optimizer="sgd", nesterov=True, momentum=0.9, batch_size=1024, epochs=80, lr=0.2,

@@ -59,7 +59,7 @@ class Config(common.BaseConfig):
     lr: float = 0.1  # learning rate (Sec. 3.5: Adam, 0.1, not batch-scaled); --optimizer sgd: x batch_size / 256
     weight_decay: float = 0.0  # weight decay of either optimiser (Sec. 3.5 states none; the SGD recipe: 5e-4)
     warmup_epochs: int = 0  # linear lr warm-up epochs, then cosine (Sec. 3.5 states none; the SGD recipe: 10)
-    optimizer: Literal["adam", "sgd"] = "adam"  # adam: Sec. 3.5; sgd: with --momentum (Interpretation 12)
+    optimizer: Literal["sgd", "lars", "adam"] = "adam"  # adam: Sec. 3.5; sgd: with --momentum (Interpretation 12)
     projector: bool = True  # backbone -> 2-layer MLP head (Interpretation 7); --no-projector: backbone features
     proj_hidden: int = 4096  # projector hidden width (Interpretation 7)
     proj_dim: int = 256  # representation width D of U and U' (Interpretation 7)
@@ -71,6 +71,10 @@ class Config(common.BaseConfig):
     mining: Literal["threshold", "hardest", "all"] = "threshold"  # which j != i enter the hard set of anchor i
     student_grad: bool = False  # --student-grad: gradient through the student too (Fig. 2, Interpretation 6)
     grad_clip: float = 1.0  # max gradient norm (Sec. 3.3, 3.5); 0 turns clipping off
+
+
+# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
+PAPER = {}
 
 
 # ----------------------------------------------------------------------------- Augmentations
@@ -287,7 +291,7 @@ def train_step(teacher, student, optimizer, views, labels, cfg, sched, step, acc
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, logs = forward_loss(teacher, student, views, labels, cfg, accelerator)
-    optimizer.zero_grad(set_to_none=True)
+    common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     raw = accelerator.unwrap_model(teacher)
     if cfg.student_grad:
@@ -306,7 +310,7 @@ def train_step(teacher, student, optimizer, views, labels, cfg, sched, step, acc
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate and τ of Eq. (6). Interpretation 12: --warmup-epochs of linear warm-up (Sec. 3.5:
     none), then one half-cosine to 0 over --epochs; Adam's --lr as given (Sec. 3.5), SGD's x batch_size / 256."""
-    base_lr = cfg.lr * cfg.batch_size / 256 if cfg.optimizer == "sgd" else cfg.lr
+    base_lr = cfg.lr if cfg.optimizer == "adam" else cfg.lr * cfg.batch_size * cfg.accumulate / 256
     return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "ema_tau": cfg.ema_tau}
 
@@ -317,11 +321,7 @@ def setup(cfg, data, accelerator):
     teacher = Teacher(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # Interpretation 14: the student inherits it
-    if cfg.optimizer == "adam":  # Sec. 3.5
-        optimizer = torch.optim.Adam(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:  # Interpretation 12: --optimizer sgd, the SGD recipe of this project's other scripts
-        optimizer = torch.optim.SGD(teacher.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(cfg, teacher)  # --optimizer: sgd, lars or adam (Sec. 3.5: Adam)
     teacher, optimizer = accelerator.prepare(common.fast_model(teacher, cfg, accelerator), optimizer)
     # Interpretation 10: S starts as T and stays in train mode (batch statistics); identical on every process
     student = copy.deepcopy(accelerator.unwrap_model(teacher)).requires_grad_(cfg.student_grad)
@@ -352,15 +352,16 @@ def train(cfg: Config):
     backbone = accelerator.unwrap_model(teacher).backbone  # Interpretation 10: the teacher is evaluated and saved
 
     start_epoch, done = run.resume()
-    step = start_epoch * len(loader) + done
+    step = start_epoch * run.steps_per_epoch + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         teacher.train()
         sums, steps, eranks = {}, 0, []  # the epoch's diagnostics, see forward_loss
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
-            sched = schedules(cfg, step, len(loader))
-            logs = train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator)
+            sched = schedules(cfg, step // cfg.accumulate, run.updates_per_epoch)  # per optimiser update
+            with run.accumulate(step, teacher):
+                logs = train_step(teacher, student, optimizer, views, labels, cfg, sched, step, accelerator)
             sums = {k: sums.get(k, 0) + v for k, v in logs.pop("epoch_sums").items()}
             u, steps, step = logs.pop("u"), steps + 1, step + 1
             if run.logging_step(step):  # logging steps synchronise anyway:
@@ -373,4 +374,4 @@ def train(cfg: Config):
 
 
 if __name__ == "__main__":
-    common.run_main(train, Config)
+    common.run_main(train, Config, paper=PAPER)

@@ -69,6 +69,10 @@ class Config(common.BaseConfig):
     blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Interpretation 9)
 
 
+# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
+PAPER = {}
+
+
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
@@ -278,7 +282,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, logs = forward_loss(online, state, views, labels, cfg, accelerator)
-    optimizer.zero_grad(set_to_none=True)
+    common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
     # a step GradScaler skipped (fp16, inf gradients) must not move the target either
@@ -291,7 +295,8 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate (linear warm-up, then cosine; Deviation 1) and target momentum (Interpretation 7)."""
     total = cfg.epochs * steps_per_epoch
-    return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr * cfg.batch_size / 256),
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
+    return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "ema_momentum": target_momentum(step, total, cfg.ema_momentum)}
 
 
@@ -302,7 +307,7 @@ def setup(cfg, data, accelerator):
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN, as the released SyncBN; target too
     # Deviation 1: SGD at CIFAR scale instead of LARS
-    optimizer = torch.optim.SGD(online.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     state = MomentumState(accelerator.unwrap_model(online)).to(accelerator.device)
     accelerator.register_for_checkpointing(state)
@@ -329,15 +334,16 @@ def train(cfg: Config):
     backbone = accelerator.unwrap_model(online).backbone
 
     start_epoch, done = run.resume()
-    step = start_epoch * len(loader) + done
+    step = start_epoch * run.steps_per_epoch + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, lambda query: {})  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
         table5 = {}  # the epoch's Table 5 counts, summed on the device
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
-            sched = schedules(cfg, step, len(loader))
-            logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
+            sched = schedules(cfg, step // cfg.accumulate, run.updates_per_epoch)  # per optimiser update
+            with run.accumulate(step, online):
+                logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
             table5 = {k: table5.get(k, 0) + v for k, v in logs.pop("table5").items()}
             target_z1 = logs.pop("target_z1")
             step += 1
@@ -351,4 +357,4 @@ def train(cfg: Config):
 
 
 if __name__ == "__main__":
-    common.run_main(train, Config)
+    common.run_main(train, Config, paper=PAPER)

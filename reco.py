@@ -76,6 +76,10 @@ class Config(common.BaseConfig):
     bn_splits: int = 8  # shuffle-BN groups of the momentum encoder over the global batch (Deviation 1)
 
 
+# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
+PAPER = {}
+
+
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
@@ -370,7 +374,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, keys, weak_keys, logs = forward_loss(online, state, views, cfg, step, accelerator)
-    optimizer.zero_grad(set_to_none=True)
+    common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
@@ -384,7 +388,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate (linear warm-up, then cosine: Sec. IV-A, Interpretation 7) and encoder momentum."""
-    base_lr = cfg.lr * cfg.batch_size / 256  # Deviation 4: linear scaling
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256  # Deviation 4: linear scaling
     return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "ema_momentum": cfg.ema_momentum}
 
@@ -395,7 +399,7 @@ def setup(cfg, data, accelerator):
     online = OnlineEncoder(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN (Deviation 1)
-    optimizer = torch.optim.SGD(online.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     # Deviation 2: the paper's K = 65536 would exceed a smaller data set (MoCo's CIFAR-10 recipe uses 4096)
     queue_size = cfg.queue_size or (65536 if len(data.pretrain) > 65536 else 4096)
@@ -424,15 +428,16 @@ def train(cfg: Config):
     backbone = accelerator.unwrap_model(online).backbone
 
     start_epoch, done = run.resume()
-    step = start_epoch * len(loader) + done
+    step = start_epoch * run.steps_per_epoch + done
     if step == 0 and cfg.eval_every:
         run.monitor(0, 0, backbone, epoch_diagnostics)  # the random-init baseline
     for epoch in range(start_epoch, run.last_epoch):
         online.train()
         state.train()
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
-            sched = schedules(cfg, step, len(loader))
-            logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
+            sched = schedules(cfg, step // cfg.accumulate, run.updates_per_epoch)  # per optimiser update
+            with run.accumulate(step, online):
+                logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
             r = logs.pop("r")  # the step's interpolation ratio, drawn on the host
             step += 1
             if run.after_step(step, epoch, logs, **sched, r=r):
@@ -443,4 +448,4 @@ def train(cfg: Config):
 
 
 if __name__ == "__main__":
-    common.run_main(train, Config)
+    common.run_main(train, Config, paper=PAPER)

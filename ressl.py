@@ -64,6 +64,10 @@ class Config(common.BaseConfig):
     teacher_aug: Literal["weak", "strong"] = "weak"  # teacher's view (Tables 4-5)
 
 
+# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
+PAPER = {}
+
+
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
@@ -285,7 +289,7 @@ def train_step(student, state, optimizer, views, labels, cfg, sched, step, accel
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, keys, logs = forward_loss(student, state, views, labels, cfg, sched["alpha"], step, accelerator)
-    optimizer.zero_grad(set_to_none=True)
+    common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:  # fp16 skipped it: nothing moves
@@ -298,7 +302,7 @@ def train_step(student, state, optimizer, views, labels, cfg, sched, step, accel
 
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate (linear warm-up, then cosine; Sec. 4), alpha of Eq. (7) and teacher momentum."""
-    base_lr = cfg.lr * cfg.batch_size / 256
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
     return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "alpha": warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup),
             "ema_momentum": cfg.ema_momentum}
@@ -310,7 +314,7 @@ def setup(cfg, data, accelerator):
     student = Student(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # global BN (Deviation 1); the teacher inherits it
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(cfg, student)  # --optimizer: sgd, lars or adam
     student, optimizer = accelerator.prepare(common.fast_model(student, cfg, accelerator), optimizer)
     splits, queue_size = teacher_bn_splits(cfg), cfg.queue_size or (4096 if data.size <= 32 else 16384)
     state = MomentumState(accelerator.unwrap_model(student), queue_size, cfg.proj_dim,
@@ -337,7 +341,7 @@ def train(cfg: Config):
     backbone = accelerator.unwrap_model(student).backbone
 
     start_epoch, done = run.resume()
-    step = start_epoch * len(loader) + done
+    step = start_epoch * run.steps_per_epoch + done
     same_label = labelled = torch.zeros((), device=accelerator.device, dtype=torch.long)
     diagnostics = lambda query: epoch_diagnostics(same_label, labelled, accelerator)  # reads the counts when called
     if step == 0 and cfg.eval_every:
@@ -346,8 +350,9 @@ def train(cfg: Config):
         student.train()
         same_label = labelled = torch.zeros((), device=accelerator.device, dtype=torch.long)
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
-            sched = schedules(cfg, step, len(loader))
-            logs = train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
+            sched = schedules(cfg, step // cfg.accumulate, run.updates_per_epoch)  # per optimiser update
+            with run.accumulate(step, student):
+                logs = train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator)
             same_label, labelled = same_label + logs.pop("nn_same_label"), labelled + logs.pop("nn_labelled")
             step += 1
             if run.after_step(step, epoch, logs, **sched):
@@ -358,4 +363,4 @@ def train(cfg: Config):
 
 
 if __name__ == "__main__":
-    common.run_main(train, Config)
+    common.run_main(train, Config, paper=PAPER)

@@ -73,6 +73,10 @@ class Config(common.BaseConfig):
     blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Interpretation 8)
 
 
+# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
+PAPER = {}
+
+
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
@@ -342,7 +346,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
     if cfg.reset_every and step > 0 and step % cfg.reset_every == 0:
         periodic_reset(state, online_ema_view, cfg, step)
     loss, new_groups, z_all, logs = forward_loss(online, state, views, labels, cfg, sched["beta"], step, accelerator)
-    optimizer.zero_grad(set_to_none=True)
+    common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
     counts = logs.pop("counts")
@@ -357,7 +361,8 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate (linear warm-up, then cosine; Sec. 3.4), beta of Eq. (4) and alpha."""
     total = cfg.epochs * steps_per_epoch
-    return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr * cfg.batch_size / 256),
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
+    return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "beta": beta_schedule(step, total, cfg.beta_end, kind=cfg.beta_schedule), "ema_momentum": cfg.ema_momentum}
 
 
@@ -367,7 +372,7 @@ def setup(cfg, data, accelerator):
     online = Online(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN (Interpretation 9)
-    optimizer = torch.optim.SGD(online.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     cache_size = cfg.reset_every * cfg.batch_size if cfg.kmeans_reset else 0
     state = MomentumState(accelerator.unwrap_model(online), cfg.num_groups, cfg.proj_dim, cache_size,
@@ -405,7 +410,7 @@ def train(cfg: Config):
     backbone = accelerator.unwrap_model(online).backbone
 
     start_epoch, done = run.resume()
-    step = start_epoch * len(loader) + done
+    step = start_epoch * run.steps_per_epoch + done
     if step == 0 and cfg.eval_every:
         baseline = epoch_tally(cfg.num_groups, data.num_classes, accelerator.device)  # the random-init network
         run.monitor(0, 0, backbone, lambda query: epoch_diagnostics(baseline, accelerator))
@@ -413,8 +418,9 @@ def train(cfg: Config):
         online.train()
         tally = epoch_tally(cfg.num_groups, data.num_classes, accelerator.device)
         for views, labels, _ in run.epoch_batches(loader, epoch, done if epoch == start_epoch else 0):
-            sched = schedules(cfg, step, len(loader))
-            logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
+            sched = schedules(cfg, step // cfg.accumulate, run.updates_per_epoch)  # per optimiser update
+            with run.accumulate(step, online):
+                logs = train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
             for name, total in tally.items():
                 total += logs.pop(name)
             step += 1
@@ -426,4 +432,4 @@ def train(cfg: Config):
 
 
 if __name__ == "__main__":
-    common.run_main(train, Config)
+    common.run_main(train, Config, paper=PAPER)

@@ -84,6 +84,10 @@ BASE = {  # BaseConfig
     "knn_t": Uses(0.5, ("knn",)),
     "report_to": Uses("tensorboard", ("accelerator",)),
     "compile": Uses(True, ("compile",)),
+    "recipe": NoEffect("resolved by common.parse_config before train() (tests/test_config.py, tests/test_recipes.py)"),
+    "print_config": NoEffect("common.run_main prints the settings instead of calling train() (tests/test_config.py)"),
+    "optimizer": Uses("lars", ("optimizer", "weights")),
+    "accumulate": Uses(2, ("schedules", "updates", "weights")),
 }
 
 METHOD = {
