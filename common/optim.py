@@ -63,6 +63,13 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def _fused():
+    """Whether SGD and Adam may run fused: not under fp16 (see make_optimizer). The precision is the Accelerator's,
+    which every script makes before its optimiser (AcceleratorState is shared by the process)."""
+    from accelerate.state import AcceleratorState
+    return AcceleratorState._shared_state.get("_mixed_precision", "no") != "fp16"
+
+
 def make_optimizer(cfg, module, lr=None, nesterov=False):
     """The optimiser of --optimizer over `module.parameters()` (an nn.Module; every parameter, in that order):
 
@@ -70,6 +77,11 @@ def make_optimizer(cfg, module, lr=None, nesterov=False):
     lars: LARS with two groups, ndim >= 2 (adapted, weight decay) and ndim <= 1 (biases, BatchNorm: excluded);
     adam: torch.optim.Adam with L2 weight decay on every parameter.
 
+    SGD and Adam run fused (one kernel per step for all parameters, CUDA or CPU) unless the run is fp16: a fused
+    step takes GradScaler's inf flag on the device and skips there, and Accelerate then reports the skipped step as
+    taken (optimizer_step_was_skipped False; tests/test_optim.py shows it), which would move the EMA, queues and
+    groups gated on it. Under fp16 they stay unfused and GradScaler reads its flag on the host, one sync per step;
+    bf16 needs no scaler.
     cfg.lr is the initial lr unless `lr` is given (the scripts set the scheduled lr every step anyway); cfg.momentum
     and cfg.weight_decay as named. `nesterov`: Nesterov momentum, for sgd only.
     """
@@ -78,12 +90,12 @@ def make_optimizer(cfg, module, lr=None, nesterov=False):
         raise ValueError(f"Nesterov momentum is implemented for --optimizer sgd only, not {cfg.optimizer}")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(module.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=nesterov)
+                               nesterov=nesterov, fused=_fused())
     if cfg.optimizer == "lars":
         params = list(module.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2]},
                   {"params": [p for p in params if p.ndim <= 1], "lars_exclude": True, "weight_decay": 0.0}]
         return LARS([g for g in groups if g["params"]], lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=_fused())
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: one of sgd, lars, adam")
