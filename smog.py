@@ -7,10 +7,10 @@ Contrastive learning between groups instead of instances: each online feature is
 that the momentum network's view of the same image falls into, against all groups; the groups are momentum averages
 of the online features (Eq. 4), updated every iteration and carrying gradient; k-means and encoder resets (Sec. 3.2).
 
-Run:    accelerate launch smog.py --data-dir data                        (CIFAR-10, 200 epochs)
+Run:    accelerate launch smog.py --data-dir data        (CIFAR-10: the small protocol, ReSSL Sec. 4's SGD recipe)
 Smoke:  python smog.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0 --reset-every 4
-Paper:  accelerate launch smog.py --dataset imagefolder --data-dir <imagenet> --arch resnet50 --batch-size 4096 \
-            --lr 0.3 --weight-decay 1e-6 --epochs 800     (Table 1; SGD, not LARS: Deviation 1)
+Paper:  accelerate launch --num_processes 8 smog.py --dataset imagenet --data-dir <imagenet> --recipe paper
+            (Table 1, SMoG-dagger: ResNet-50, LARS, batch 4096, 400 epochs, 2x224 + 4x96 crops; PAPER below)
 
 Glossary (the paper's names):
     f_theta   online network: backbone -> projection head (z) -> prediction head (p); gets the gradient.
@@ -21,17 +21,18 @@ Glossary (the paper's names):
     tau       temperature of Eq. (3), 0.1.
 
 Interpretations and deviations (marked in the code; each explained once in docs/smog.md):
-    I1  prediction head on the online branch (as in the authors' released code).
     I2  Eq. (4)'s "argmin sim" is the most similar group (argmax cosine).
     I3  assign with the previous groups, update them, contrast with the updated groups; features L2-normalised.
     I4  initial groups: spherical k-means on the first global batch's online projections.
     I5  one loss direction per iteration; the two BYOL schemes alternate between the streams.
-    I6  resets every 300 iterations: spherical k-means (10 Lloyd steps) on the cached projections, f^_eta <- f_theta.
-    I7  Table 7d's latest / random / average rules.
-    I8  BYOL's views; Gaussian blur off for images of 64 px or less (`--blur`), as CIFAR recipes do.
-    I9  BatchNorm over the global batch.  I10  diagnostics (groups used, Fig. 5 label entropy, same-group rate).
-    D1  optimisation: the project's CIFAR recipe (SGD), not ImageNet's LARS at batch 4096.
+    I6  resets every 300 optimiser updates: spherical k-means (10 Lloyd steps) on the cached projections, and
+        f^_eta <- f_theta.
+    I7  Table 7d's latest / random / average rules.  I9  BatchNorm over the global batch.  I10  diagnostics.
+    I11 multi-crop: the 4 small views through f_theta only; Eq. (3) averaged over the online views against c^b.
+    I12 --accumulate: the groups move once per optimiser update, with every batch of the window (Eq. 4).
+    D1  prediction head on the online branch, not on f^_eta as Sec. 3.4 prints (the released code's placement).
     D2  Table 7d's "average" rule as the exact running average (`--group-update average-paper`: the printed 1/n).
+    D3  --recipe small: BYOL's Gaussian blur off for images of 64 px or less (`--blur`).
 """
 import copy
 import math
@@ -54,7 +55,7 @@ from common import ViewSpec
 
 @dataclass
 class Config(common.BaseConfig):
-    # SMoG (the generic fields, common.BaseConfig, hold the CIFAR recipe of Deviation 1: SGD, lr 0.06, 200 epochs)
+    # SMoG's own values (Sec. 3.4); the generic fields (common.BaseConfig) hold the small protocol
     proj_hidden: int = 2048  # hidden width of the projection and prediction heads (Sec. 3.4)
     proj_dim: int = 128  # output width of the heads for CNNs (Sec. 3.4)
     ema_momentum: float = 0.999  # alpha of the momentum network (Sec. 3.4)
@@ -70,24 +71,40 @@ class Config(common.BaseConfig):
     kmeans_iters: int = 10  # Lloyd iterations of the spherical k-means (Interpretation 6)
     detach_groups: bool = False  # no gradient through the groups in Eq. (3), as in the authors' released code
     crop_min_scale: float = 0.08  # lower bound of the random resized crop (BYOL's, Sec. 3.4)
-    blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Interpretation 8)
+    blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Deviation 3)
+    multi_crop: bool = False  # add 4 small views, side 96/224 of the run's, crop (0.05, 0.2) (Sec. 3.4; Interp. 11)
 
 
 # --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
-PAPER = {}
+PAPER = {
+    "arch": "resnet50",  # Table 1: "ResNet50 is adopted"
+    "optimizer": "lars",  # Sec. 3.4: "we train with the LARS [69] optimizer"
+    "batch_size": 4096,  # Sec. 3.4: "with 4096 mini-batchsize on 64 GPUS"
+    "lr": 0.3,  # Sec. 3.4: "lr = 0.3 x batchsize/256" (schedules() scales it)
+    "warmup_epochs": 10,  # Sec. 3.4: "first a 10-epoch warm-up and then the cosine scheduler"
+    "weight_decay": 1e-6,  # Sec. 3.4: "The weight decay and temperature tau are set to 10^-6 and 0.1"
+    "epochs": 400,  # Table 1, row SMoG-dagger (multi-crop): 400 epochs, batch 4096, 76.4 % top-1
+    "multi_crop": True,  # Sec. 3.4: "two large views (224x224) and 4 small views (96x96)"; Table 1's dagger
+    "crop_min_scale": 0.2,  # Sec. 3.4: "the scale of the random crops are [0.2, 1.0] ... for large views"
+    "blur": "on",  # Sec. 3.4: BYOL's schemes, "one has a stronger Gaussian blur"
+}
+SMALL_VIEWS, SMALL_SCALE = 4, (0.05, 0.2)  # Sec. 3.4: "4 small views (96x96)", "[0.05, 0.2]"
 
 
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
-    """BYOL's two schemes (Sec. 3.4; Interpretation 8), alternated between the streams by forward_loss: the same
-    crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1 with p 0.8) and grayscale (p 0.2); blur p 1.0 / 0.1 (sigma 0.1-2,
-    kernel about 10 % of the side), solarisation p 0 / 0.2. --blur auto leaves the blur out at 64 px or less."""
+    """BYOL's two schemes (Sec. 3.4), alternated between the streams by forward_loss: the same crop, flip, colour
+    jitter (0.4, 0.4, 0.2, 0.1 with p 0.8) and grayscale (p 0.2); blur p 1.0 / 0.1 (sigma 0.1-2, kernel about 10 % of
+    the side), solarisation p 0 / 0.2. --blur auto leaves the blur out at 64 px or less (Deviation 3). --multi-crop
+    adds 4 small views, schemes 1, 2, 1, 2, of side round(size * 96 / 224) (Interpretation 11)."""
     blur = cfg.blur == "on" or (cfg.blur == "auto" and size > 64)
-    byol = dict(crop_scale=(cfg.crop_min_scale, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                gray_p=0.2, blur_sigma=(0.1, 2.0))
-    return [ViewSpec(**byol, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
-            ViewSpec(**byol, blur_p=0.1 if blur else 0.0, solarize_p=0.2)]
+    byol = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_sigma=(0.1, 2.0))
+    schemes = [dict(byol, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
+               dict(byol, blur_p=0.1 if blur else 0.0, solarize_p=0.2)]
+    small = [ViewSpec(**schemes[i % 2], crop_scale=SMALL_SCALE, size=round(size * 96 / 224))
+             for i in range(SMALL_VIEWS if cfg.multi_crop else 0)]
+    return [ViewSpec(**scheme, crop_scale=(cfg.crop_min_scale, 1.0)) for scheme in schemes] + small
 
 
 # ----------------------------------------------------------------------------- Encoder and heads
@@ -116,7 +133,7 @@ class Online(nn.Module):
         super().__init__()
         self.backbone, feat_dim = build_backbone(cfg.arch, cifar_stem)
         self.projector = mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim, out_bn=True)
-        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)  # Interpretation 1: on the online branch
+        self.predictor = mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)  # Deviation 1: on the online branch
 
     def forward(self, x):
         z = self.projector(self.backbone(x))
@@ -148,17 +165,19 @@ def group_counts(assign, num_groups):
     return counts
 
 
-def update_groups(groups, z, assign, beta, counts=None):
+def update_groups(groups, z, assign, beta, counts=None, carry=None):
     """Eq. (4) -> new (K, D) float32 groups; groups with no assigned row are unchanged. groups (K, D) are constants;
     z (B, D) online features get the gradient through the result (the "synchronous" grouping of Sec. 3.2); assign
     (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules); counts the (K,)
-    group_counts(assign, K) when the caller has them already. Under torch.distributed the sums are all-reduced with
+    group_counts(assign, K) when the caller has them already; carry (K, D) detached sums of the --accumulate window's
+    earlier batches (counts then include them). Under torch.distributed the sums are all-reduced with
     autograd: every process gets the global batch's groups, and the gradient reaches every process's features."""
     groups = groups.detach().float()  # (K, D)
     counts = group_counts(assign, len(groups)) if counts is None else counts  # (K,)
     sums = memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1)  # (K, D)
     if world_size() > 1:
         sums = dist_nn.all_reduce(sums)  # backward sums the gradients of every process's loss
+    sums = sums if carry is None else sums + carry
     mean = sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
     beta = beta.unsqueeze(1) if isinstance(beta, torch.Tensor) else beta  # (K, 1); a float stays one (no H2D copy)
     # Eq. (4): g_k <- beta * g_k + (1 - beta) * mean_{c_t = g_k} f(x_t), then normalised (the paper omits it)
@@ -188,8 +207,11 @@ class MomentumState(nn.Module):
         self.num_classes = num_classes  # for the group label-entropy diagnostic only
         self.target = copy.deepcopy(nn.Sequential(online.backbone, online.projector)).requires_grad_(False)
         self.register_buffer("groups", F.normalize(torch.randn(num_groups, dim), dim=1))  # (K, D)
-        self.register_buffer("cache", torch.zeros(cache_size, dim))  # (reset_every * global batch, D)
+        self.register_buffer("cache", torch.zeros(cache_size, dim))  # (reset_every * accumulate * global batch, D)
         self.register_buffer("seen", torch.zeros(num_groups))  # n_k of the "average" rules (Deviation 2)
+        # --accumulate: group sums and sizes of the window's earlier batches (Interpretation 12)
+        self.register_buffer("window_sums", torch.zeros(num_groups, dim))
+        self.register_buffer("window_counts", torch.zeros(num_groups))
 
 
 @torch.no_grad()
@@ -242,11 +264,12 @@ def gather_with_grad(x):
     return torch.cat(dist_nn.all_gather(x.contiguous())) if world_size() > 1 else x
 
 
-def group_step(groups, z, assign, counts, rule, beta, seen, seed):
+def group_step(groups, z, assign, counts, rule, beta, seen, seed, carry=None):
     """This iteration's groups (K, D), carrying gradient to z, under Table 7d's rules (Interpretation 7); counts are
     the global group_counts of assign. momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k;
     average-paper: beta_k = 1 - 1 / n_k (n_k counts this batch too; Deviation 2); random: every group re-drawn from
-    the global batch's rows, by a generator seeded with `seed` on z's device (the same on every process)."""
+    the global batch's rows, by a generator seeded with `seed` on z's device (the same on every process). carry:
+    see update_groups."""
     if rule == "random":
         z_all = gather_with_grad(z)  # (N, D)
         g = torch.Generator(device=z.device).manual_seed(seed)
@@ -257,12 +280,12 @@ def group_step(groups, z, assign, counts, rule, beta, seen, seed):
     if rule in ("average", "average-paper"):
         # Deviation 2: g_k + m_k / n_k * (mean - g_k), the running average; the paper prints 1 / n_k
         beta = 1.0 - (counts if rule == "average" else 1.0) / (seen + counts).clamp(min=1)
-    return update_groups(groups, z, assign, 0.0 if rule == "latest" else beta, counts)
+    return update_groups(groups, z, assign, 0.0 if rule == "latest" else beta, counts, carry)
 
 
 @torch.no_grad()
 def write_cache(cache, z_all, step, reset_every):
-    """Ring buffer of the last reset_every iterations: iteration `step` owns rows (step % reset_every) * N ..."""
+    """Ring buffer of the last reset_every batches: batch `step` owns rows (step % reset_every) * N ..."""
     if len(cache):
         start = (step % reset_every) * len(z_all)
         cache[start:start + len(z_all)] = z_all.float()
@@ -306,10 +329,13 @@ def check_config(cfg, num_processes):
 
 def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     """The loss of this process's share of the batch -> (loss, new groups (K, D) for train_step to store, the global
-    batch's online projections z_all (N, D), logs). Step 0's k-means initialisation is stored here."""
-    # Interpretation 5: the two schemes swap streams every iteration (Sec. 3.4)
-    x_a, x_b = views if step % 2 == 0 else views[::-1]
+    batch's online projections z_all (N, D), logs). Step 0's k-means initialisation is stored here; under --accumulate
+    the window's group sums and sizes so far too. views: [scheme 1, scheme 2, small views...] (view_specs)."""
+    # Interpretation 5: the two schemes swap streams every batch (Sec. 3.4)
+    x_a, x_b = views[:2] if step % 2 == 0 else views[1::-1]
     z_a, p_a = online(x_a)  # (B, D) each: online projection f_theta(x^a) and prediction
+    if len(views) > 2:  # Interpretation 11: the small views go through f_theta only, in one forward
+        p_a = torch.cat([p_a, online(torch.cat(views[2:]))[1]])  # ((1 + S) B, D)
     with torch.no_grad(), accelerator.autocast():
         z_b = state.target(x_b)  # (B, D) momentum projection f^_eta(x^b)
     z_all = accelerator.gather(z_a.detach().float().contiguous())  # (N, D) no gradient: cache, init, diagnostics
@@ -319,11 +345,21 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     target = assign_groups(z_b, groups)  # (B,) c_i^b, from the momentum network
     assign = assign_groups(z_a, groups)  # (B,) c_i^a, the groups the online features update
     counts = group_counts(assign, cfg.num_groups)  # (K,) over the global batch
+    carry = None
+    if cfg.accumulate > 1:  # Interpretation 12: Eq. (4) over the whole window, earlier batches detached
+        if step % cfg.accumulate:
+            carry, counts = state.window_sums.clone(), counts + state.window_counts
+        sums = memberships(assign, cfg.num_groups).T @ F.normalize(z_a.detach().float(), dim=1)  # (K, D)
+        if world_size() > 1:
+            dist.all_reduce(sums)
+        state.window_sums.copy_(sums if carry is None else sums + carry)
+        state.window_counts.copy_(counts)
     # Eq. (4), second line: synchronous update; gradient flows from the new groups to z_a (and to other processes)
     new_groups = group_step(groups, z_a, assign, counts, cfg.group_update, beta, state.seen,
-                            common.seed_for(cfg.seed, "random-groups", step))
-    # Eq. (3) against the updated groups; --detach-groups cuts the path through them
-    loss = smog_loss(p_a, new_groups.detach() if cfg.detach_groups else new_groups, target, cfg.tau)
+                            common.seed_for(cfg.seed, "random-groups", step), carry)
+    # Eq. (3) against the updated groups, for every online view (the mean over views); --detach-groups cuts the path
+    loss = smog_loss(p_a, new_groups.detach() if cfg.detach_groups else new_groups,
+                     target.repeat(len(p_a) // len(target)), cfg.tau)
     with torch.no_grad():  # Interpretation 10; STL-10's unlabelled images (label -1) are not counted
         class_counts = torch.zeros(cfg.num_groups * state.num_classes, device=z_a.device).index_add_(
             0, assign * state.num_classes + labels.clamp(min=0), (labels >= 0).float()).view(cfg.num_groups, -1)
@@ -343,18 +379,20 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
         g["lr"] = sched["lr"]
     raw = accelerator.unwrap_model(online)
     online_ema_view = nn.Sequential(raw.backbone, raw.projector)  # the layers f^_eta averages
-    if cfg.reset_every and step > 0 and step % cfg.reset_every == 0:
+    update, batch = divmod(step, cfg.accumulate)  # the paper's iterations are optimiser updates
+    if cfg.reset_every and update > 0 and batch == 0 and update % cfg.reset_every == 0:
         periodic_reset(state, online_ema_view, cfg, step)
     loss, new_groups, z_all, logs = forward_loss(online, state, views, labels, cfg, sched["beta"], step, accelerator)
     common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
     counts = logs.pop("counts")
+    if not (accelerator.sync_gradients and accelerator.optimizer_step_was_skipped):
+        write_cache(state.cache, z_all, step, cfg.reset_every * cfg.accumulate)  # every batch of the window
     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
         ema_update(state.target, online_ema_view, sched["ema_momentum"])
-        state.groups.copy_(new_groups)
+        state.groups.copy_(new_groups)  # under --accumulate: Eq. (4) with the whole window's batches
         state.seen.add_(counts)
-        write_cache(state.cache, z_all, step, cfg.reset_every)
     return {"loss": loss.detach(), **logs}
 
 
@@ -374,7 +412,7 @@ def setup(cfg, data, accelerator):
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN (Interpretation 9)
     optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
-    cache_size = cfg.reset_every * cfg.batch_size if cfg.kmeans_reset else 0
+    cache_size = cfg.reset_every * cfg.accumulate * cfg.batch_size if cfg.kmeans_reset else 0
     state = MomentumState(accelerator.unwrap_model(online), cfg.num_groups, cfg.proj_dim, cache_size,
                           data.num_classes).to(accelerator.device)
     accelerator.register_for_checkpointing(state)

@@ -204,7 +204,7 @@ def cifar_subset(tmp_path_factory):
 # every two-process case of the suite: the first call runs all that are selected in ONE torchrun start-up
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
                      ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
-                     ("smog",), ("batchnorm",)]
+                     ("smog",), ("smog", "multicrop"), ("batchnorm",)]
 _two_process_done = {}
 
 

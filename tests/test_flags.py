@@ -121,6 +121,7 @@ METHOD = {
         "detach_groups": Uses(True, ("steps",)),
         "crop_min_scale": Uses(0.5, ("views",)),
         "blur": Uses("on", ("views",)),
+        "multi_crop": Uses(True, ("views", "steps")),
     },
     "ressl": {
         "proj_hidden": Uses(64, ("networks",)),

@@ -429,7 +429,7 @@ def _blurs(pipeline):
 
 
 def test_views_are_byols_with_blur_off_at_32_px_unless_asked():
-    """Interpretation 8: BYOL's two schemes; at 32 px the default specs have blur_p 0 (no blur in the pipeline);
+    """Deviation 3: BYOL's two schemes; at 32 px the default specs have blur_p 0 (no blur in the pipeline);
     --blur on restores BYOL's (p 1.0 / 0.1, sigma 0.1-2, kernel about 10 % of the side); above 64 px it is on by
     default. Solarisation p 0 / 0.2 either way."""
     ms = ((0.5,) * 3, (0.25,) * 3)
@@ -456,6 +456,98 @@ def test_views_are_byols_with_blur_off_at_32_px_unless_asked():
             out = v(img)
             assert out.shape == (3, size, size) and out.dtype == torch.float32
     assert smog.view_specs(smog.Config(crop_min_scale=0.2), 32)[0].crop_scale == (0.2, 1.0)
+
+
+def test_multi_crop_views_follow_sec_3_4():
+    """Sec. 3.4: two large views, crop [0.2, 1] under the paper recipe, and 4 small ones of side 96 at 224 px with
+    crop [0.05, 0.2], the schemes alternating (blur 1.0 / 0.1, solarisation 0 / 0.2); at 32 px the small side is
+    round(32 * 96 / 224) = 14; a view's blur kernel follows its own side (96 // 20 = 4 -> 9)."""
+    cfg = common.parse_config(smog.Config, ["--recipe", "paper"], smog.PAPER)
+    specs = smog.view_specs(cfg, 224)
+    assert [s.output_size(224) for s in specs] == [224, 224, 96, 96, 96, 96]
+    assert [s.crop_scale for s in specs] == [(0.2, 1.0)] * 2 + [(0.05, 0.2)] * 4
+    assert [s.blur_p for s in specs] == [1.0, 0.1] * 3 and [s.solarize_p for s in specs] == [0.0, 0.2] * 3
+    assert specs[2].kernel_size(224) == 9 and specs[0].kernel_size(224) == 23
+    assert [s.output_size(32) for s in smog.view_specs(cfg, 32)] == [32, 32, 14, 14, 14, 14]
+    assert len(smog.view_specs(smog.Config(), 224)) == 2  # --recipe small: two views
+
+
+def test_paper_recipe_and_its_schedules():
+    """PAPER (Sec. 3.4, Table 1): LARS, lr 0.3 x 4096 / 256 = 4.8, 10 warm-up epochs then cosine, 400 epochs, wd 1e-6,
+    ResNet-50, multi-crop; schedules at the first step, the end of warm-up and the last step (10 updates per epoch:
+    100 warm-up updates, 4000 in all); --accumulate 4 at batch 1024 is the same effective batch."""
+    cfg = common.parse_config(smog.Config, ["--recipe", "paper"], smog.PAPER)
+    assert (cfg.optimizer, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.warmup_epochs, cfg.arch) == (
+        "lars", 4096, 0.3, 1e-6, 400, 10, "resnet50")
+    assert cfg.multi_crop and cfg.crop_min_scale == 0.2 and cfg.blur == "on"
+    assert (cfg.ema_momentum, cfg.num_groups, cfg.beta_end, cfg.tau, cfg.reset_every) == (0.999, 3000, 0.99, 0.1, 300)
+    for c in (cfg, common.parse_config(smog.Config, ["--recipe", "paper", "--batch-size", "1024", "--accumulate",
+                                                     "4"], smog.PAPER)):
+        first, warm, last = (smog.schedules(c, u, 10) for u in (0, 99, 3999))
+        assert first["lr"] == pytest.approx(4.8 / 100) and warm["lr"] == pytest.approx(4.8)
+        assert last["lr"] == pytest.approx(4.8 * 0.5 * (1 + math.cos(math.pi * 3899 / 3900)))
+        assert (first["beta"], last["beta"]) == (1.0, pytest.approx(0.99))
+        assert first["ema_momentum"] == last["ema_momentum"] == 0.999
+
+
+class _Identity(nn.Module):
+    """An online network whose projection and prediction are its flattened input: hand-computable losses."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.projector = nn.Flatten(), nn.Identity()
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return z, z
+
+
+def test_multi_crop_loss_is_the_mean_over_online_views():
+    """Interpretation 11 by hand: groups g0 = (1, 0), g1 = (0, 1), tau 1, beta 1 (groups kept). x^b = (1, 0) gives
+    c^b = g0; the online large view (1, 0) has logits (1, 0): -log(e / (e + 1)) = log(1 + 1/e); each of the 4 small
+    views (0, 1) has logits (0, 1): log(1 + e). Eq. (3) averaged over the 5 online views."""
+    cfg = smog.Config(num_groups=2, proj_dim=2, group_init="random", tau=1.0, multi_crop=True)
+    online = _Identity()
+    state = smog.MomentumState(online, 2, 2, cache_size=0, num_classes=3)
+    state.groups.copy_(torch.eye(2))
+    big, small = torch.tensor([[1.0, 0.0]] * 2).view(2, 2, 1, 1), torch.tensor([[0.0, 1.0]] * 2).view(2, 2, 1, 1)
+    loss, _, z_all, _ = smog.forward_loss(online, state, [big, big, *[small] * 4], torch.zeros(2, dtype=torch.long),
+                                          cfg, 1.0, 0, _OneProcess())
+    e = math.e
+    assert loss.item() == pytest.approx((math.log(1 + 1 / e) + 4 * math.log(1 + e)) / 5, abs=1e-6)
+    assert z_all.shape == (2, 2)  # only the large online view is grouped and cached
+
+
+def test_accumulate_counts_updates_and_groups_move_with_the_window():
+    """--accumulate 2, --reset-every 2: the reset comes at the first batch of update 2 (batch 4), not at batch 2;
+    after each window the groups are Eq. (4) with both batches' projections (one update with 2 x 4 rows), and the
+    cache of 2 updates x 2 batches x 4 rows holds every batch."""
+    cfg = smog.Config(**{**TINY_CFG, "reset_every": 2, "batch_size": 4, "accumulate": 2}, group_init="random")
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    set_seed(0)
+    online, optimizer, state = tiny_setup(cfg, accelerator)
+    online.eval(), state.target.eval()
+    assert state.cache.shape == (16, 16)
+    resets, real = [], smog.periodic_reset
+    smog.periodic_reset = lambda state, view, cfg, step: resets.append(step)
+    try:
+        for step, (x1, x2, labels) in enumerate(tiny_batches(6, size=4)):
+            if step % 2 == 0:
+                groups_before, zs = state.groups.clone(), []
+            with torch.no_grad():
+                zs.append(online(x1 if step % 2 == 0 else x2)[0])
+            accelerator.step = step
+            with accelerator.accumulate(online):
+                smog.train_step(online, state, optimizer, [x1, x2], labels, cfg, SCHED, step, accelerator)
+            if step % 2 == 1:
+                z = torch.cat(zs)
+                expect = smog.update_groups(groups_before, z, smog.assign_groups(z, groups_before), SCHED["beta"])
+                assert torch.allclose(state.groups, expect, atol=1e-5), step
+                start = (step - 1) % 4 * 4  # the window's first batch owns its ring slot
+                assert torch.allclose(state.cache[start:start + 8], z, atol=1e-5), step
+    finally:
+        smog.periodic_reset = real
+    assert resets == [4]
 
 
 def test_heads_follow_sec_3_4():
@@ -488,24 +580,26 @@ def tiny_setup(cfg, accelerator):
         smog.build_backbone = real
 
 
-def tiny_batches(n, size=8, seed=1):
-    """n fixed global batches: (view 1, view 2, labels) of `size` 8x8 images."""
+def tiny_batches(n, size=8, seed=1, small=0):
+    """n fixed global batches: (view 1, view 2, labels[, `small` 4x4 views]) of `size` 8x8 images."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 3, 8, 8, generator=g), torch.randn(size, 3, 8, 8, generator=g),
-             torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+             torch.randint(0, 10, (size,), generator=g), *[torch.randn(size, 3, 4, 4, generator=g) for _ in range(small)])
+            for _ in range(n)]
 
 
 TINY_CFG = dict(proj_hidden=32, proj_dim=16, num_groups=6, reset_every=3, batch_size=8, seed=3)
 SCHED = {"lr": 0.1, "beta": 0.9, "ema_momentum": 0.9}
 
 
-def ddp_case(accelerator):
+def ddp_case(accelerator, *args):
     """Five smog.train_steps per rule (momentum, random) on fixed global batches of 8, this process taking its rows
     (tests/ddp_step.py, 1 or 2 processes): the k-means initialisation at step 0 and a periodic reset at step 3
     (--reset-every 3). The k-means result is perturbed on every process but 0 (1e-6 on the centroids, +1 on the
     counts), as float atomics on a GPU can make it differ in the last bits: the state stays bit-identical only because
     kmeans_groups broadcasts process 0's result. BatchNorm in eval mode: per-process batch statistics differ by design
-    on CPU, where SyncBatchNorm is not used. -> {rule: {"kmeans_runs", "steps": per step the global loss, the
+    on CPU, where SyncBatchNorm is not used. args ("multicrop",): the momentum rule with --multi-crop (4 small 4x4
+    views). -> {rule: {"kmeans_runs", "steps": per step the global loss, the
     gradients (SMoG does not clip: the raw ones are those the optimiser uses), and the groups, group sizes, cache and
     f^_eta after the step}}."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -517,8 +611,9 @@ def ddp_case(accelerator):
         return centroids + 1e-6 * rank, counts + rank
     smog.spherical_kmeans = perturbed_kmeans  # for good: the process exists to run this case
     result = {}
-    for rule in ("momentum", "random"):
-        cfg = smog.Config(**TINY_CFG, group_update=rule)
+    multi_crop = "multicrop" in args
+    for rule in ("momentum",) if multi_crop else ("momentum", "random"):
+        cfg = smog.Config(**TINY_CFG, group_update=rule, multi_crop=multi_crop)
         set_seed(0)
         online, optimizer, state = tiny_setup(cfg, accelerator)
         raw = accelerator.unwrap_model(online)
@@ -526,9 +621,9 @@ def ddp_case(accelerator):
         local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
         runs.clear()
         steps = []
-        for step, (x1, x2, labels) in enumerate(tiny_batches(5)):
-            logs = smog.train_step(online, state, optimizer, [x1[local], x2[local]], labels[local], cfg, SCHED, step,
-                                   accelerator)
+        for step, (x1, x2, labels, *small) in enumerate(tiny_batches(5, small=4 if multi_crop else 0)):
+            views = [x[local] for x in (x1, x2, *small)]
+            logs = smog.train_step(online, state, optimizer, views, labels[local], cfg, SCHED, step, accelerator)
             steps.append({"loss": accelerator.reduce(logs["loss"], "mean"),
                           "grads": {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None},
                           "groups": state.groups.clone(), "seen": state.seen.clone(), "cache": state.cache.clone(),
@@ -763,13 +858,14 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_two_processes_equal_one_and_stay_bit_identical(tmp_path):
-    """ddp_case on 1 and 2 processes: at every step of both rules, the loss, the gradients, and the groups, group
-    sizes, cache and f^_eta after the step of each rank equal those of 1 process (float rounding), and both ranks hold
-    the same bits, even with the k-means perturbed on rank 1."""
-    one, ranks = two_process_results("smog", tmp_path)
+@pytest.mark.parametrize("case", [(), ("multicrop",)])
+def test_two_processes_equal_one_and_stay_bit_identical(tmp_path, case):
+    """ddp_case on 1 and 2 processes: at every step of both rules (and with --multi-crop), the loss, the gradients,
+    and the groups, group sizes, cache and f^_eta after the step of each rank equal those of 1 process (float
+    rounding), and both ranks hold the same bits, even with the k-means perturbed on rank 1."""
+    one, ranks = two_process_results("smog", tmp_path, *case)
     tol = dict(atol=1e-5, rtol=1e-4)
-    for rule in ("momentum", "random"):
+    for rule in one:
         assert one[rule]["kmeans_runs"] == 2  # initialisation and reset
         assert all(r[rule]["kmeans_runs"] == 2 for r in ranks)
         for step, sa in enumerate(one[rule]["steps"]):
