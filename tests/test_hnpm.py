@@ -240,20 +240,37 @@ def test_lr_schedule_end_points():
     assert hnpm.lr_at(100, 100, 0, 0.1) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_schedules_adam_is_the_papers_and_sgd_is_the_recipe():
-    adam = hnpm.schedules(hnpm.Config(), 0, 10)  # Sec. 3.5: lr 0.1 at the first step, not batch-scaled, no warm-up
-    assert adam == {"lr": pytest.approx(0.1), "ema_tau": 0.5}
-    assert hnpm.schedules(hnpm.Config(), 500, 10)["lr"] == pytest.approx(0.05)  # half-way down the 100-epoch cosine
-    sgd = hnpm.Config(optimizer="sgd", lr=0.06, batch_size=128, warmup_epochs=10, ema_tau=0.999)
-    assert hnpm.schedules(sgd, 0, 10) == {"lr": pytest.approx(0.03 / 100), "ema_tau": 0.999}
-    assert hnpm.schedules(sgd, 100, 10)["lr"] == pytest.approx(0.03)
+def test_schedules_small_protocol_and_paper():
+    """10 steps per epoch. Small (defaults): SGD lr 0.06 x 256 / 256, 10 warm-up epochs (100 steps), then a cosine over
+    the other 1900 steps of 200 epochs. Paper: Adam lr 0.1 as given, no warm-up, one cosine over 100 epochs (1000
+    steps). --accumulate 2 doubles the effective batch: sgd's lr doubles, Adam's does not."""
+    small = hnpm.Config()
+    lr = lambda cfg, step: hnpm.schedules(cfg, step, 10)["lr"]
+    assert hnpm.schedules(small, 0, 10) == {"lr": pytest.approx(0.06 / 100), "ema_tau": 0.5}
+    assert lr(small, 99) == pytest.approx(0.06) and lr(small, 100) == pytest.approx(0.06)  # end of warm-up, top
+    assert lr(small, 1999) == pytest.approx(0.03 * (1 + math.cos(math.pi * 1899 / 1900)))  # the last step
+    assert lr(dataclasses.replace(small, accumulate=2), 100) == pytest.approx(0.12)
+    paper = hnpm.Config(**hnpm.PAPER)
+    assert hnpm.schedules(paper, 0, 10) == {"lr": pytest.approx(0.1), "ema_tau": 0.5}  # Sec. 3.5
+    assert lr(paper, 500) == pytest.approx(0.05)  # half-way down the 100-epoch cosine
+    assert lr(paper, 999) == pytest.approx(0.05 * (1 + math.cos(math.pi * 999 / 1000)))  # the last step
+    assert lr(dataclasses.replace(paper, accumulate=2), 0) == pytest.approx(0.1)
 
 
-def test_defaults_are_the_papers():
-    cfg = hnpm.Config()
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.grad_clip) == ("adam", 0.1, 160, 100, 1.0)
-    assert (cfg.weight_decay, cfg.warmup_epochs) == (0.0, 0)  # Sec. 3.5 states neither
-    assert (cfg.ema_tau, cfg.alpha1, cfg.alpha2, cfg.threshold, cfg.mining) == (0.5, 0.8, 0.1, 1.0, "threshold")
+def test_defaults_are_the_small_protocol_and_paper_recipe_is_sec_3_5():
+    cfg, base = hnpm.Config(), common.BaseConfig()
+    # the generic fields are the shared small protocol: hnpm.py overrides none of them
+    assert all(getattr(cfg, f.name) == getattr(base, f.name) for f in dataclasses.fields(base))
+    # HNPM's own values are Sec. 3.5's in both recipes
+    assert (cfg.ema_tau, cfg.alpha1, cfg.alpha2, cfg.grad_clip, cfg.threshold, cfg.mining) == (0.5, 0.8, 0.1, 1.0,
+                                                                                              1.0, "threshold")
+    paper = common.parse_config(hnpm.Config, ["--recipe", "paper"], hnpm.PAPER)
+    assert (paper.optimizer, paper.lr, paper.batch_size, paper.epochs, paper.arch) == ("adam", 0.1, 160, 100,
+                                                                                     "resnet50")
+    assert (paper.weight_decay, paper.warmup_epochs, paper.grad_clip, paper.ema_tau) == (0.0, 0, 1.0, 0.5)
+    assert dataclasses.replace(paper, recipe="auto", **{k: getattr(cfg, k) for k in hnpm.PAPER}) == cfg  # only these
+    typed = common.parse_config(hnpm.Config, ["--recipe", "paper", "--lr", "0.01", "--batch-size", "64"], hnpm.PAPER)
+    assert (typed.lr, typed.batch_size, typed.optimizer) == (0.01, 64, "adam")  # typed flags win over the recipe
 
 
 # ----------------------------------------------------------------------------- networks and views
@@ -335,13 +352,14 @@ def test_train_step_order_and_roles(monkeypatch):
     assert seen["mask"].tolist() == expected
     ref_loss, l1, l2, size, empty = _loop_hnpm(u_t.tolist(), u_s.tolist(), 0.8, 0.1, threshold)
     assert logs["loss"].item() == pytest.approx(ref_loss, rel=1e-5) and logs["hard_size"].item() == pytest.approx(size)
-    # the teacher took SGD's first step (lr 0.1) on the clipped gradient of that loss, computed here by hand
+    # the teacher took SGD's first step (lr 0.1, no momentum buffer yet, L2 weight decay) on the clipped gradient of
+    # that loss, computed here by hand
     ref = copy.deepcopy(teacher_before)
     hnpm.hnpm_loss(ref(x_aug), u_s, 0.8, 0.1, threshold).backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     after = dict(teacher.named_parameters())
     for name, p in ref.named_parameters():
-        assert torch.allclose(after[name], p - 0.1 * p.grad, atol=1e-6), name
+        assert torch.allclose(after[name], p - 0.1 * (p.grad + cfg.weight_decay * p), atol=1e-6), name
     # Eq. (6): the student moved halfway toward the updated teacher (a swapped call would move the teacher instead)
     before = dict(student_before.named_parameters())
     for name, p in student.named_parameters():
@@ -450,7 +468,7 @@ def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     assert list(steps[0])[:11] == ["step", "epoch", "loss", "l1", "l2", "hard_size", "empty_frac", "dissim_mean",
                                    "dissim_max", "false_neg", "lr"] and {"ema_tau", "images_per_s"} <= set(steps[0])
     assert steps[0]["ema_tau"] == 0.5  # Sec. 3.5
-    assert steps[0]["lr"] == pytest.approx(0.1)  # Sec. 3.5: Adam at lr 0.1, no warm-up
+    assert steps[0]["lr"] == pytest.approx(0.06 * 8 / 256, abs=1e-6)  # SGD lr 0.06 x 8 / 256, no warm-up here
     assert 0 <= steps[0]["dissim_mean"] <= steps[0]["dissim_max"] <= 4
     knn = [m for m in metrics if "knn_top1" in m]
     assert [m["epoch"] for m in knn] == [0, 1, 2] and 0 <= knn[-1]["knn_top1"] <= 100
@@ -461,17 +479,21 @@ def test_smoke_writes_metrics_checkpoint_backbone(tmp_path):
     check_backbone(out, "hnpm")
 
 
-def test_sgd_recipe_and_hardest_mining_run(tmp_path):
+def test_paper_recipe_and_hardest_mining_run(tmp_path):
+    """--recipe paper with what a CPU holds typed over it (ResNet-18, batch 8, 1 epoch): Adam, lr 0.1 not
+    batch-scaled and no warm-up (Sec. 3.5), the cosine over the epoch's 2 steps: 0.1 at step 0, 0.05 at step 1."""
     out = str(tmp_path / "run")
-    run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--eval-every", "0", "--optimizer", "sgd", "--lr", "0.06",
-         "--weight-decay", "5e-4", "--warmup-epochs", "1", "--mining", "hardest", "--ema-tau", "0.999",
-         "--output-dir", out])
+    i = SMALL.index("--warmup-epochs")
+    run(["hnpm.py", *SMALL[:i], *SMALL[i + 2:], *HEADS, "--recipe", "paper", "--arch", "resnet18", "--epochs", "1",
+         "--eval-every", "0", "--mining", "hardest", "--output-dir", out])
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in ("recipe", "optimizer", "weight_decay", "warmup_epochs", "batch_size")} == \
+        {"recipe": "paper", "optimizer": "adam", "weight_decay": 0.0, "warmup_epochs": 0, "batch_size": 8}
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
-    # SGD lr 0.06 x batch 8 / 256, linear warm-up over the epoch's 2 steps (metrics.jsonl rounds to 6 decimals)
-    assert steps[0]["lr"] == pytest.approx(0.06 * 8 / 256 / 2, abs=1e-6)
-    assert steps[1]["lr"] == pytest.approx(0.06 * 8 / 256, abs=1e-6)
-    assert all(m["hard_size"] == 1 and m["empty_frac"] == 0 for m in steps) and steps[0]["ema_tau"] == 0.999
+    assert [m["lr"] for m in steps] == [pytest.approx(0.1), pytest.approx(0.05)]
+    assert all(m["hard_size"] == 1 and m["empty_frac"] == 0 for m in steps) and steps[0]["ema_tau"] == 0.5
 
 
 @pytest.mark.parametrize("flags", [[], ["--views-on", "device"]], ids=["workers", "device_views"])
@@ -565,7 +587,7 @@ def test_two_process_training_run(tmp_path):
     (["--proj-dim", "0"], "--proj-dim must be at least 1"),
     (["--proj-hidden", "0"], "--proj-hidden must be at least 1"),
     (["--mining", "nearest"], "argument --mining: invalid choice: 'nearest'"),
-    (["--optimizer", "lars"], "argument --optimizer: invalid choice: 'lars'"),
+    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
 ])
 def test_bad_flag_is_one_error_line(args, message, capsys):
     """Runs the command line in this process (as `python hnpm.py ...` would, without the start-up cost)."""
