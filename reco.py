@@ -7,16 +7,15 @@ MoCo-v2's InfoNCE (Eq. 1) plus L_global (Eq. 3: the online feature's similarity 
 must match the sharper one of the momentum encoder's weak view) plus L_local (Eqs. 4-6: the feature of x_i CutMixed
 with a partner's key view must match the same mix of their features); L = L_csl + lambda_1 L_global + lambda_2 L_local.
 
-Run:    accelerate launch reco.py --data-dir data            (CIFAR-10, downloaded into data/)
+Run:    accelerate launch reco.py --data-dir data            (CIFAR-10, the shared small protocol: --recipe small)
 Smoke:  python reco.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0 --queue-size 256
-Paper:  accelerate launch --multi_gpu --num_processes 8 reco.py --dataset imagefolder --data-dir DIR --arch resnet50
-        (DIR: ImageNet-1K, Table VIII; the ImageNet-100 ablation command is in docs/reco.md, Usage)
+Paper:  accelerate launch --num_processes 8 reco.py --dataset imagenet --data-dir DIR --recipe paper (docs/reco.md)
 
 Glossary (the paper's names -> code):
     f_theta, f_theta^  online encoder `OnlineEncoder` (backbone + 2-layer MLP head) / its EMA, the momentum encoder
     x_i, x^_i, x-_i    strong views to f_theta and f_theta^; weak view (crop + flip) to f_theta^
     v_i, v^_i, v-_i    their features: `q` (raw head output), keys `k` and weak keys (L2-normalised)
-    queue, bank        last K keys v^_j (negatives of Eqs. 1, 6); last K weak keys v-_j (bank of Eq. 3)
+    queue, bank        last K keys v^_j (negatives of Eqs. 1, 6; bank of Eq. 3); --global-bank weak: weak keys v-_j
     S^o, S^t           online / target distributions of Eq. (3), temperatures tau_ot, tau_tt (Table I)
     r, j               ratio ~ Beta(alpha, alpha) (CutMix: kept-area fraction of x_i); partner j = randperm(N_b)[i]
     v_ij, v~_ij        feature of the mixed image (Eq. 4); mixed target feature (Eq. 5, stop-gradient)
@@ -25,15 +24,15 @@ Interpretations and deviations (each explained once, with its source and evidenc
     Interp. 1  Eqs. (4)-(5): image q/k, features q/k (Table VII's best row); --image-pair, --feature-pair.
     Interp. 2  Eq. (6)'s denominator holds the positive, as Eq. (1).
     Interp. 3  One r, partner permutation and CutMix box per step for the global batch, seeded by (seed, step).
-    Interp. 4  The bank of Eq. (3) is a queue of weak-view keys (authors' code); --global-bank key: the MoCo queue.
+    Interp. 4  The bank of Eq. (3) is the MoCo queue, the paper's one memory bank; --global-bank weak: authors' code.
     Interp. 5  Table III: S_p excludes x_i; L2-normalised backbone features of the test split.
     Interp. 6  Weak view crop scale (0.2, 1).
-    Interp. 7  5 linear warm-up epochs before the cosine schedule (authors' code).
+    Interp. 7  Paper recipe: 5 linear warm-up epochs before the cosine schedule (authors' code).
     Interp. 8  Paper over code: 128-d head (the authors' ReCo runs: 256, their argparse default), lambda_2 2, wd 5e-4.
+    Interp. 9  --multi-crop (Table VIII dagger): SwAV's 6 small crops as extra queries of Eqs. (1), (3), averaged.
     Dev. 1     Shuffle BN of the momentum encoder over --bn-splits groups of the global batch; online BN global.
     Dev. 2     K = 4096 instead of 65536 when the pretraining set holds fewer than 65536 images.
-    Dev. 3     ResNet-18 (CIFAR stem at <= 64 px) instead of ResNet-50; --arch resnet50.
-    Dev. 4     lr scales with batch / 256 (the paper keeps 0.03 at batch 128 in its ablations).
+    Dev. 3     lr scales with batch / 256 (the paper keeps 0.03 at batch 128 in its ablations).
 """
 import copy
 import math
@@ -56,10 +55,6 @@ from common import ViewSpec
 
 @dataclass
 class Config(common.BaseConfig):
-    # the generic fields where Sec. IV-A differs from common.BaseConfig (batch 256, 200 epochs, SGD 0.9, wd 5e-4 agree)
-    lr: float = 0.03  # base learning rate (Sec. IV-A), scaled by batch_size / 256 (Deviation 4)
-    warmup_epochs: int = 5  # linear learning-rate warm-up, then cosine decay (Sec. IV-A: cosine; Interpretation 7)
-    # ReCo
     proj_dim: int = 128  # output width of the 2-layer MLP head (Table VI "Dim. 128"; Interpretation 8)
     ema_momentum: float = 0.999  # momentum-encoder update (Sec. IV-A)
     queue_size: int = 0  # K; 0: 65536 (Sec. IV-A), 4096 if the pretraining set is smaller (Deviation 2)
@@ -68,27 +63,51 @@ class Config(common.BaseConfig):
     lambda_local: float = 2.0  # lambda_2 of Eq. (2) (Table II; Interp. 8); 0 switches the local relation off (Table IV)
     tau_ot: float = 0.1  # online temperature of S^o, Eq. (3) (Table I)
     tau_tt: float = 0.04  # target temperature of S^t, Eq. (3) (Table I)
-    global_bank: Literal["weak", "key"] = "weak"  # bank of Eq. (3): queue of weak keys, or the MoCo queue (Interp. 4)
+    global_bank: Literal["key", "weak"] = "key"  # bank of Eq. (3): MoCo queue, or authors' weak-key queue (Interp. 4)
     mix: Literal["cutmix", "mixup"] = "cutmix"  # image interpolation of Eq. (4) (Sec. I names cutmix)
     mix_alpha: float = 1.0  # r ~ Beta(alpha, alpha) (Sec. III-C)
     feature_pair: Literal["q/k", "k/q", "k/k", "q/q"] = "q/k"  # Eq. (5) features of x_i / of j (Table VII; Interp. 1)
     image_pair: Literal["q/k", "q/q"] = "q/k"  # Eq. (4) views of x_i / of j (Table VII; Interpretation 1)
     bn_splits: int = 8  # shuffle-BN groups of the momentum encoder over the global batch (Deviation 1)
+    multi_crop: bool = False  # Table VIII's dagger rows: 6 extra low-resolution query crops (Interpretation 9)
 
 
-# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
-PAPER = {}
+# --recipe paper: the paper's main ImageNet-1K table (Table VIII, ReCo: R50-MLP, batch 256, 200 epochs, 71.3 top-1)
+PAPER = {
+    "arch": "resnet50",  # Sec. IV-A "ResNet-50 [4] is set as the backbone network by default"
+    "optimizer": "sgd",  # Sec. IV-A "We use the SGD optimizer with the momentum of 0.9
+    "momentum": 0.9,  # ... and weight decay of 0.0005"
+    "weight_decay": 5e-4,
+    "lr": 0.03,  # Sec. IV-A "a base learning rate of 0.03, and the batch size is 256" (x B/256: Deviation 3)
+    "batch_size": 256,
+    "epochs": 200,  # Table VIII, ReCo row: 200 epochs (the 800-epoch rows: --epochs 800)
+    "warmup_epochs": 5,  # paper silent (cosine only); authors' main_reco.py --warmup 5 (Interpretation 7)
+    "queue_size": 65536,  # Sec. IV-A "The size of the memory bank is 65536"
+    "ema_momentum": 0.999,  # Sec. IV-A "updated with a parameter of 0.999"
+    "tau": 0.2,  # Sec. IV-A "The temperature tau of InfoNCE loss is 0.2"
+    "proj_dim": 128,  # Table VI "Dim. 128" (Interpretation 8)
+    "tau_tt": 0.04,  # Sec. IV-B "We set tau_tt=0.04 and tau_ot=0.1 by default"
+    "tau_ot": 0.1,
+    "lambda_global": 1.0,  # Sec. IV-B "When lambda_1=1.0 and lambda_2=2.0, the best top-1 accuracy"
+    "lambda_local": 2.0,
+    "mix_alpha": 1.0,  # Sec. III-C "alpha is a hyper-parameter set to 1.0 by default"
+    "global_bank": "key",  # Sec. III-A "a queue (memory bank)", the one bank the paper names (Interpretation 4)
+    "bn_splits": 8,  # shuffle BN (MoCo-v2 [32]) over the 8 GPUs of the authors' README command (Deviation 1)
+    "multi_crop": False,  # Table VIII: the ReCo row has no dagger (the dagger rows: --multi-crop)
+}
 
 
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
-    """[x_i, x^_i, x-_i]. x_i, x^_i: MoCo-v2's view (Sec. III-A, [32]), crop (0.2, 1), flip, colour jitter (0.4, 0.4,
-    0.4, 0.1) p 0.8, grayscale p 0.2, blur sigma (0.1, 2) p 0.5, kernel ~10 % of `size`. x-_i: Sec. III-B's weak view,
-    crop (Interpretation 6: scale (0.2, 1)) and flip. Eq. (4)'s mixing is no view: forward_loss applies it."""
-    strong = ViewSpec(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
-    weak = ViewSpec(crop_scale=(0.2, 1.0))
-    return [strong, strong, weak]
+    """[x_i, x^_i, x-_i] (+ 6 small crops with --multi-crop). x_i, x^_i: MoCo-v2's view (Sec. III-A, [32]), crop
+    (0.2, 1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, blur sigma (0.1, 2) p 0.5, kernel ~10 %
+    of the side. x-_i: Sec. III-B's weak view, crop (Interpretation 6: scale (0.2, 1)) and flip. Small crops
+    (Interpretation 9): SwAV's 6 x 96 px at 224, scale (0.05, 0.14), x_i's colour. forward_loss applies Eq. (4)."""
+    colour = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    strong, weak = ViewSpec(crop_scale=(0.2, 1.0), **colour), ViewSpec(crop_scale=(0.2, 1.0))
+    small = ViewSpec(crop_scale=(0.05, 0.14), size=round(size * 96 / 224), **colour)
+    return [strong, strong, weak] + [small] * (6 if cfg.multi_crop else 0)
 
 
 # ----------------------------------------------------------------------------- Encoder and heads
@@ -211,6 +230,12 @@ def local_interpolation_loss(v_mix, v_target, queue, tau=0.2):
     return infonce_loss(v_mix, v_target.detach(), queue, tau)
 
 
+def crop_mean(loss_fn, queries, *args):
+    """Multi-crop (Interpretation 9): a term of Eq. (1) or (3) averaged over the online queries, v_i and the features
+    of its small crops, each against x_i's target; without small crops it is the term itself."""
+    return sum(loss_fn(v, *args) for v in queries) / len(queries)
+
+
 def total_loss(csl, glob, local, lambda_global, lambda_local):
     # Eq. (2): L = L_csl + lambda_1 * L_global + lambda_2 * L_local
     return csl + lambda_global * glob + lambda_local * local
@@ -276,7 +301,7 @@ def enqueue(queue, ptr, keys):
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up to base_lr (Interpretation 7: 5 epochs in the authors' code), then cosine decay to 0."""
+    """Linear warm-up to base_lr (the paper recipe's 5 epochs: Interpretation 7), then cosine decay to 0."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -329,7 +354,7 @@ def forward_loss(online, state, views, cfg, step, accelerator):
     """The loss of this process's share of the batch -> (loss, keys (N, D), weak keys (N, D) or None, logs); the keys
     are those of the GLOBAL batch (N = world x B), ready for the queues. `step` (global optimiser step) seeds the
     step's draws (Interpretation 3)."""
-    x_q, x_k, x_w = views  # x_i (strong, online), x^_i (strong, momentum), x-_i (weak, momentum)
+    x_q, x_k, x_w, *x_small = views  # x_i (strong, online), x^_i (strong, momentum), x-_i (weak, momentum), crops
     b, rank = len(x_q), accelerator.process_index
     mine = slice(rank * b, (rank + 1) * b)  # this process's rows of the global batch
     rng, shuffle_k, shuffle_w, partner, r = step_randomness(cfg.seed, step, b * accelerator.num_processes,
@@ -341,26 +366,29 @@ def forward_loss(online, state, views, cfg, step, accelerator):
         if cfg.lambda_global > 0:
             k_weak_all = F.normalize(shuffle_bn(state.momentum_encoder, accelerator.gather(x_w.contiguous()),
                                                 shuffle_w, accelerator).float(), dim=1)  # v- (N, D)
+    inputs, r_eff = [x_q], r
     if cfg.lambda_local > 0:
         j = partner[mine]  # partner of each of my samples, an index into the global batch
         # Eq. (4) (Interpretation 1: image q/k; q/q mixes x_i with the partner's query view)
         x_j = x_k_all[j] if cfg.image_pair == "q/k" else accelerator.gather(x_q.contiguous())[j]
         x_mix, r_eff = cutmix(x_q, x_j, r, rng) if cfg.mix == "cutmix" else mixup(x_q, x_j, r)
-        # Eq. (4): v_ij = f_theta(x_ij), beside v_i = f_theta(x_i)
-        q, v_mix = online(x_q, x_mix)  # (B, D) each, separate BN batches
-    else:
-        (q,), r_eff = online(x_q), r
-    csl = infonce_loss(q, k_all[mine], state.queue, cfg.tau)
+        inputs.append(x_mix)
+    if x_small:  # Interpretation 9: the small crops in one BN batch, as SwAV forwards crops of one resolution
+        inputs.append(torch.cat(x_small))
+    # Eq. (4): v_ij = f_theta(x_ij), beside v_i = f_theta(x_i): each input its own BN batch, one DDP forward
+    q, *rest = online(*inputs)
+    queries = (q, *rest[-1].chunk(len(x_small))) if x_small else (q,)
+    csl = crop_mean(infonce_loss, queries, k_all[mine], state.queue, cfg.tau)
     glob = local = torch.zeros((), device=x_q.device)
     if cfg.lambda_global > 0:
         bank = state.queue_weak if cfg.global_bank == "weak" else state.queue  # Interpretation 4: the v~_j of Eq. (3)
-        glob = global_relation_loss(q, k_weak_all[mine], bank, cfg.tau_ot, cfg.tau_tt)
+        glob = crop_mean(global_relation_loss, queries, k_weak_all[mine], bank, cfg.tau_ot, cfg.tau_tt)
     if cfg.lambda_local > 0:
         # Interpretation 1: which encoders' features of x_i and of partner j enter Eq. (5) (Table VII's best: q/k)
         first, second = cfg.feature_pair.split("/")
         v_i = q if first == "q" else k_all[mine]
         v_j = k_all[j] if second == "k" else accelerator.gather(q.detach().float().contiguous())[j]
-        local = local_interpolation_loss(v_mix, interpolated_target(v_i, v_j, r_eff), state.queue, cfg.tau)
+        local = local_interpolation_loss(rest[0], interpolated_target(v_i, v_j, r_eff), state.queue, cfg.tau)
     loss = total_loss(csl, glob, local, cfg.lambda_global, cfg.lambda_local)
     return loss, k_all, k_weak_all, {"csl": csl.detach(), "global_relation": glob.detach(),
                                      "local_relation": local.detach(), "r": r_eff}
@@ -388,7 +416,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 
 def schedules(cfg, step, steps_per_epoch):
     """This step's learning rate (linear warm-up, then cosine: Sec. IV-A, Interpretation 7) and encoder momentum."""
-    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256  # Deviation 4: linear scaling
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256  # Deviation 3: linear scaling
     return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "ema_momentum": cfg.ema_momentum}
 

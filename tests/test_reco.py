@@ -385,10 +385,10 @@ def test_step_randomness_is_a_function_of_seed_and_step():
 
 def _tiny_setup(**kw):
     torch.manual_seed(0)
-    cfg = reco.Config(proj_dim=8, bn_splits=2, **kw)
+    cfg = reco.Config(proj_dim=8, bn_splits=2, **{"global_bank": "weak", **kw})  # the bank with most state to check
     online = reco.OnlineEncoder(cfg, cifar_stem=False)
     state = reco.MomentumState(online, 16, 8, 2, weak_bank=cfg.lambda_global > 0 and cfg.global_bank == "weak")
-    views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    views = [torch.randn(4, 3, s.output_size(32), s.output_size(32)) for s in reco.view_specs(cfg, 32)]
     return cfg, online, state, views
 
 
@@ -604,13 +604,91 @@ def test_view_specs_read_like_the_paper():
     assert weak.jitter_p == weak.gray_p == weak.blur_p == weak.solarize_p == 0
 
 
-def test_defaults_are_the_papers():
-    """Sec. IV-A, Tables I, II, VI, VII; the warm-up is the authors' code (Interpretation 7)."""
-    cfg = reco.Config()
-    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs) == (256, 0.03, 0.9, 5e-4, 200)
-    assert (cfg.ema_momentum, cfg.tau, cfg.proj_dim, cfg.warmup_epochs) == (0.999, 0.2, 128, 5)
+def test_small_recipe_and_paper_table():
+    """The defaults: the shared small protocol for the generic fields (BaseConfig) and the paper's own values for
+    ReCo's (Sec. IV-A, Tables I, II, VI, VII); PAPER: Sec. IV-A's ImageNet-1K setting, 5 warm-up epochs from the
+    authors' code (Interpretation 7); the bank of Eq. (3) is the MoCo queue in both (Interpretation 4)."""
+    cfg, base = reco.Config(), reco.common.BaseConfig()
+    generic = ("arch", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "epochs", "batch_size")
+    assert all(getattr(cfg, f) == getattr(base, f) for f in generic)
+    assert (cfg.lr, cfg.warmup_epochs, cfg.arch) == (0.06, 10, "resnet18")
+    assert (cfg.ema_momentum, cfg.tau, cfg.proj_dim, cfg.queue_size, cfg.multi_crop) == (0.999, 0.2, 128, 0, False)
     assert (cfg.tau_tt, cfg.tau_ot, cfg.lambda_global, cfg.lambda_local, cfg.mix_alpha) == (0.04, 0.1, 1.0, 2.0, 1.0)
-    assert (cfg.feature_pair, cfg.image_pair, cfg.global_bank, cfg.mix) == ("q/k", "q/k", "weak", "cutmix")
+    assert (cfg.feature_pair, cfg.image_pair, cfg.global_bank, cfg.mix) == ("q/k", "q/k", "key", "cutmix")
+    paper = reco.common.parse_config(reco.Config, ["--recipe", "paper"], reco.PAPER)
+    assert (paper.arch, paper.optimizer, paper.lr, paper.momentum, paper.weight_decay) == ("resnet50", "sgd", 0.03,
+                                                                                          0.9, 5e-4)
+    assert (paper.batch_size, paper.epochs, paper.warmup_epochs, paper.queue_size, paper.bn_splits) == (256, 200, 5,
+                                                                                                      65536, 8)
+    assert (paper.multi_crop, paper.global_bank, paper.proj_dim, paper.lambda_local) == (False, "key", 128, 2.0)
+
+
+@pytest.mark.parametrize("recipe", ["small", "paper"])
+def test_schedules_at_their_boundary_steps(recipe):
+    """lr: linear warm-up to lr x batch x accumulate / 256, then cosine to 0 (10 steps per epoch here); the encoder
+    momentum is constant (Sec. IV-A: 0.999). small: 0.06, 10 warm-up epochs of 200; paper: 0.03, 5 of 200."""
+    cfg = reco.common.parse_config(reco.Config, ["--recipe", recipe], reco.PAPER)
+    base, warmup = {"small": (0.06, 100), "paper": (0.03, 50)}[recipe]  # warm-up steps = epochs x 10
+    at = lambda step: reco.schedules(cfg, step, 10)
+    assert at(0)["lr"] == pytest.approx(base / warmup)  # (step + 1) / warm-up steps
+    assert at(warmup - 1)["lr"] == pytest.approx(base) and at(warmup)["lr"] == pytest.approx(base)  # cos(0) = 1
+    last = 2000 - 1  # 200 epochs x 10 steps
+    assert at(last)["lr"] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * (last - warmup) / (2000 - warmup))))
+    assert at(last)["lr"] < base * 1e-5 and all(at(s)["ema_momentum"] == 0.999 for s in (0, warmup, last))
+    half = reco.Config(batch_size=128, accumulate=2, lr=cfg.lr, warmup_epochs=0)  # same effective batch 256
+    assert reco.schedules(half, 0, 10)["lr"] == pytest.approx(base)
+
+
+def test_view_specs_multi_crop():
+    """--multi-crop (Interpretation 9): after x_i, x^_i, x-_i, six crops of round(size x 96 / 224) px (SwAV's 96 at
+    224), crop scale (0.05, 0.14), x_i's colour augmentations; the three views keep the run's size."""
+    assert len(reco.view_specs(reco.Config(), 224)) == 3
+    cfg = reco.Config(multi_crop=True)
+    for size, side in ((224, 96), (32, 14), (64, 27)):  # 32 x 96 / 224 = 13.71, 64 x 96 / 224 = 27.43
+        specs = reco.view_specs(cfg, size)
+        strong, small = specs[0], specs[3]
+        assert len(specs) == 9 and specs[:3] == reco.view_specs(reco.Config(), size) and specs[3:] == [small] * 6
+        assert [s.output_size(size) for s in specs] == [size] * 3 + [side] * 6
+        assert small.crop_scale == (0.05, 0.14) and small.flip_p == 0.5
+        assert (small.jitter, small.jitter_p, small.gray_p, small.blur_p) == (strong.jitter, 0.8, 0.2, 0.5)
+    assert reco.view_specs(cfg, 224)[3].kernel_size(224) == 9 and reco.view_specs(cfg, 32)[3].kernel_size(32) == 1
+
+
+def test_crop_mean_hand_computed():
+    """Eq. (1) averaged over two queries, tau = 1: q1 = k = (1, 0), q2 = (0, 1), queue {(-1, 0)}.
+    q1: -log(e / (e + e^-1)) = log(1 + e^-2); q2: both logits 0, log 2; the term is their mean."""
+    k, queue = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    queries = (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+    got = reco.crop_mean(reco.infonce_loss, queries, k, queue, 1.0)
+    assert got.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(2)) / 2)
+    assert torch.equal(reco.crop_mean(reco.infonce_loss, queries[:1], k, queue, 1.0),
+                       reco.infonce_loss(queries[0], k, queue, 1.0))  # one query: the term itself
+
+
+def test_forward_loss_multi_crop_matches_the_pure_functions():
+    """--multi-crop: Eqs. (1) and (3) averaged over v_i and the six small crops' features (each against x_i's key
+    and weak key); Eq. (6) unchanged (x_i only); the gradient reaches the online encoder through the crops."""
+    cfg, online, state, views = _tiny_setup(multi_crop=True)
+    assert len(views) == 9 and views[3].shape == (4, 3, 14, 14)
+    online.eval(), state.eval()
+    views[3].requires_grad_()  # a small crop: the loss must depend on it
+    loss, _, _, logs = reco.forward_loss(online, state, views, cfg, 7, OneProcess)
+    loss.backward()
+    assert views[3].grad.abs().sum() > 0
+    g, _, _, partner, r = reco.step_randomness(cfg.seed, 7, 4, cfg.mix_alpha, "cpu")
+    x_q, x_k, x_w, *small = (v.detach() for v in views)
+    with torch.no_grad():
+        k, k_w = (F.normalize(state.momentum_encoder(x), dim=1) for x in (x_k, x_w))
+        x_mix, r_eff = reco.cutmix(x_q, x_k[partner], r, g)
+        queries = [online(x)[0] for x in (x_q, *small)]
+        (v_mix,) = online(x_mix)
+    csl = sum(reco.infonce_loss(v, k, state.queue, cfg.tau) for v in queries) / 7
+    glob = sum(reco.global_relation_loss(v, k_w, state.queue_weak, cfg.tau_ot, cfg.tau_tt) for v in queries) / 7
+    local = reco.local_interpolation_loss(v_mix, reco.interpolated_target(queries[0], k[partner], r_eff),
+                                          state.queue, cfg.tau)
+    assert torch.allclose(logs["csl"], csl, atol=1e-5) and torch.allclose(logs["global_relation"], glob, atol=1e-5)
+    assert torch.allclose(logs["local_relation"], local, atol=1e-5)
+    assert not torch.allclose(csl, reco.infonce_loss(queries[0], k, state.queue, cfg.tau), atol=1e-4)  # crops count
 
 
 # ------------------------------------------------------------------------------------------------ the script end to end
@@ -643,9 +721,19 @@ def test_views_on_device(tmp_path):
     assert os.path.exists(os.path.join(out, "backbone.pt"))
 
 
+@pytest.mark.parametrize("views_on", ["workers", "device"])
+def test_multi_crop_smoke(tmp_path, views_on):
+    """--multi-crop end to end: nine views per batch (six of 14 px at 32 px) from either view path, finite losses."""
+    out = str(tmp_path / "run")
+    run(["reco.py", *TINY, *HEADS, "--epochs", "1", "--eval-every", "0", "--multi-crop", "--views-on", views_on,
+         "--output-dir", out])
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 4 and all(math.isfinite(m["loss"]) for m in steps)
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     args = ["reco.py", *TINY, *HEADS, "--fake-size", "16", "--epochs", "2", "--eval-every", "0",  # 2 steps per epoch
-            "--mix", "mixup"]
+            "--mix", "mixup", "--global-bank", "weak"]
     qa, qb = run_resumed(args, tmp_path)
     for k in ("queue", "queue_weak", "ptr"):
         assert torch.equal(qa[k], qb[k]), k
@@ -654,18 +742,20 @@ def test_resume_equals_uninterrupted(tmp_path):
 def ddp_case(accelerator, *args):
     """Run by tests/ddp_step.py on 1 or 2 CPU processes: the script's setup() and one train_step() (loss, backward,
     SGD with momentum and weight decay, momentum update, enqueue) on a fixed global batch of 8, this process taking
-    its rows; args: reco flags (e.g. "--image-pair", "q/q"). The online encoder's BN is held in eval mode
+    its rows; args: reco flags (e.g. "--image-pair", "q/q") after `--global-bank weak` (the bank with the most state
+    to compare; the default key bank is the MoCo queue alone). The online encoder's BN is held in eval mode
     (per-process statistics differ by design on CPU, where SyncBatchNorm is not used); the momentum encoder stays in
     TRAIN mode, because its shuffle BN over the global batch must not depend on the number of processes. reco does
     not clip: the gradients read after the step are the raw ones SGD applied."""
     from accelerate.utils import set_seed
     rank, world, batch = accelerator.process_index, accelerator.num_processes, 8
     cfg = reco.common.parse_config(reco.Config, ["--batch-size", str(batch), "--proj-dim", "16", "--queue-size", "16",
-                                                 "--bn-splits", "2", *args])
+                                                 "--bn-splits", "2", "--global-bank", "weak", *args])
     set_seed(0)
     online, optimizer, state = reco.setup(cfg, NO_DATA, accelerator)
     g = torch.Generator().manual_seed(1)
-    views = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(3)]
+    sides = [s.output_size(32) for s in reco.view_specs(cfg, 32)]  # --multi-crop: six more views of 14 px
+    views = [torch.randn(batch, 3, side, side, generator=g) for side in sides]
     state.queue.copy_(F.normalize(torch.randn(16, cfg.proj_dim, generator=g), dim=1))
     state.queue_weak.copy_(F.normalize(torch.randn(16, cfg.proj_dim, generator=g), dim=1))
     state.ptr.fill_(12)  # the enqueue of 8 keys wraps around the end
@@ -676,20 +766,23 @@ def ddp_case(accelerator, *args):
                            {"lr": 0.1, "ema_momentum": 0.9}, 3, accelerator)
     raw = accelerator.unwrap_model(online)
     mean = lambda t: accelerator.reduce(t.detach(), "mean")
-    return {"pairs": (cfg.image_pair, cfg.feature_pair), "r": logs["r"], "loss": mean(logs["loss"]),
-            "csl": mean(logs["csl"]), "global": mean(logs["global_relation"]), "local": mean(logs["local_relation"]),
+    return {"pairs": (cfg.image_pair, cfg.feature_pair), "views": len(views), "r": logs["r"],
+            "loss": mean(logs["loss"]), "csl": mean(logs["csl"]), "global": mean(logs["global_relation"]),
+            "local": mean(logs["local_relation"]),
             "grads": {n: p.grad.clone() for n, p in raw.named_parameters()},
             "online": {n: p.detach().clone() for n, p in raw.named_parameters()},  # after SGD's momentum and decay
             "momentum_encoder": state.momentum_encoder.state_dict(), "queue": state.queue.clone(),
             "queue_weak": state.queue_weak.clone(), "ptr": state.ptr.clone()}
 
 
-@pytest.mark.parametrize("args", [[], ["--image-pair", "q/q", "--feature-pair", "q/q"]], ids=["defaults", "q/q"])
+@pytest.mark.parametrize("args", [[], ["--image-pair", "q/q", "--feature-pair", "q/q"], ["--multi-crop"]],
+                         ids=["defaults", "q/q", "multi-crop"])
 def test_two_processes_equal_one(tmp_path, args):
     """One train_step on 1 and on 2 processes, the same global batch: the same loss terms, raw gradients, updated
     online encoder, momentum encoder (shuffle BN over the global batch), queue, bank and pointer, on both ranks."""
     one, ranks = two_process_results("reco", tmp_path, *args)
-    assert one["pairs"] == (("q/q", "q/q") if args else ("q/k", "q/k"))  # the flags reached the Config
+    assert one["pairs"] == (("q/q", "q/q") if "q/q" in args else ("q/k", "q/k"))  # the flags reached the Config
+    assert one["views"] == (9 if "--multi-crop" in args else 3)
     assert one["local"] > 0 and one["global"] > 0
     for rank in ranks:
         assert rank["r"] == one["r"] and rank["ptr"].item() == one["ptr"].item() == 4
