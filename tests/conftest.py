@@ -119,7 +119,7 @@ def _run_in_process(args):
                 if args[0] == "eval_linear.py":
                     module.main(list(args[1:]))
                 else:
-                    common.run_main(module.train, module.Config, list(args[1:]))
+                    common.run_main(module.train, module.Config, list(args[1:]), getattr(module, "PAPER", None))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             except Exception:  # what the interpreter would print before exiting with 1
@@ -143,7 +143,7 @@ def cli_error(script, argv, capsys):
     import common
     module = importlib.import_module(script[:-3])
     with pytest.raises(SystemExit) as e:
-        common.run_main(module.train, module.Config, argv)
+        common.run_main(module.train, module.Config, argv, getattr(module, "PAPER", None))
     return e.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -204,7 +204,8 @@ def cifar_subset(tmp_path_factory):
 # every two-process case of the suite: the first call runs all that are selected in ONE torchrun start-up
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
                      ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
-                     ("smog",), ("smog", "multicrop"), ("batchnorm",)]
+                     ("smog",), ("smog", "multicrop"), ("reco", "--multi-crop"),
+                     ("batchnorm",)]
 _two_process_done = {}
 
 

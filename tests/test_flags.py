@@ -54,7 +54,7 @@ HEADS = dict(proj_hidden=32, proj_dim=16)
 PROBE_OF = {"median_triplet": HEADS,
             "smog": dict(**HEADS, reset_every=2, num_groups=4),  # a reset within 4 steps; k-means of 8 rows into 4
             "ressl": dict(**HEADS, queue_size=16),
-            "hnpm": dict(**HEADS, warmup_epochs=0),  # its own default
+            "hnpm": HEADS,
             "reco": dict(proj_dim=16, queue_size=16, bn_splits=4)}  # 8 shuffle-BN groups of 1 image are refused
 
 BASE = {  # BaseConfig
@@ -138,7 +138,6 @@ METHOD = {
         "teacher_aug": Uses("strong", ("views",)),
     },
     "hnpm": {
-        "optimizer": Uses("sgd", ("optimizer", "schedules")),
         "projector": Uses(False, ("networks",)),
         "proj_hidden": Uses(64, ("networks",)),
         "proj_dim": Uses(32, ("networks",)),
@@ -155,11 +154,12 @@ METHOD = {
         "ema_momentum": Uses(0.9, ("schedules", "steps")),
         "queue_size": Uses(32, ("networks",)),
         "tau": Uses(0.5, ("steps",)),
-        "lambda_global": Uses(0.0, ("networks", "steps")),
+        "lambda_global": Uses(0.0, ("steps",)),  # with --global-bank weak it also drops the bank (networks)
         "lambda_local": Uses(0.0, ("steps",)),
         "tau_ot": Uses(0.2, ("steps",)),
         "tau_tt": Uses(0.1, ("steps",)),
-        "global_bank": Uses("key", ("networks", "steps")),
+        "global_bank": Uses("weak", ("networks", "steps")),
+        "multi_crop": Uses(True, ("views", "steps")),
         "mix": Uses("mixup", ("steps",)),
         "mix_alpha": Uses(0.5, ("steps",)),
         "feature_pair": Uses("k/k", ("steps",)),
@@ -167,8 +167,6 @@ METHOD = {
         "bn_splits": Uses(2, ("networks", "steps")),
     },
 }
-METHOD["hnpm"].update(lr=Uses(0.2, ("schedules", "updates")), warmup_epochs=Uses(1, ("schedules", "updates")),
-                      momentum=Uses(0.8, ("optimizer",), dict(optimizer="sgd")))  # its defaults; Adam: no momentum
 
 
 def rows(script):

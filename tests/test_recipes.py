@@ -58,7 +58,7 @@ def test_paper_recipe_prints_every_cited_value(script, capsys):
 # what a CPU with a batch of 4 needs beside the paper recipe: no accumulation window longer than the 1-step epoch,
 # group counts, shuffle-BN splits and queues that fit 4 images
 SMOKE = {"median_triplet": [], "smog": ["--num-groups", "4"], "ressl": ["--queue-size", "64"], "hnpm": [],
-         "reco": ["--queue-size", "64", "--bn-splits", "2"]}
+         "reco": ["--bn-splits", "2"]}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_paper_recipe_trains_a_resnet50_on_imagenet_layout_and_resumes(script, i
     multi = ["--multi-crop"] if "multi_crop" in {f.name for f in dataclasses.fields(m.Config)} else []
     out = str(tmp_path / "run")
     args = [f"{script}.py", "--dataset", "imagenet", "--data-dir", imagenet_tree, "--arch", "resnet50", "--batch-size",
-            "4", "--epochs", "2", "--warmup-epochs", "1", "--accumulate", "1", "--eval-every", "0", "--num-workers",
+            "4", "--epochs", "2", "--warmup-epochs", "1", "--accumulate", "1", "--eval-every", "0", "--log-every", "1", "--num-workers",
             "0", *multi, *SMOKE[script], "--output-dir", out]
     run([*args, "--stop-after-epochs", "1"])
     assert not os.path.exists(os.path.join(out, "backbone.pt"))

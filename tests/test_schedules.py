@@ -59,13 +59,14 @@ CASES = [
         # BYOL's tau = 1 - (1 - 0.99) (cos(pi step / 50) + 1) / 2: 0.99 at the start, 0.995 halfway, -> 1
         "ema_momentum": {0: 0.99, 10: 1 - 0.005 * (1 + math.cos(math.pi / 5)), 25: 0.995,
                          49: 1 - 0.005 * (1 - math.cos(math.pi / 50))}}),
-    ("hnpm", {}, {  # Adam: lr 0.1 as given (not batch-scaled), no warm-up by default: one cosine over 50 steps
+    ("hnpm", {}, {"lr": warmup_cosine(0.06 * 2), "ema_tau": constant(0.5)}),  # the small protocol's SGD
+    ("hnpm", dict(optimizer="adam", lr=0.1, warmup_epochs=0), {  # Sec. 3.5's Adam: lr 0.1 as given (not batch-scaled),
+        # no warm-up: one cosine over 50 steps
         "lr": {0: 0.1, 1: 0.05 * (1 + math.cos(math.pi / 50)), 25: 0.05, 49: 0.05 * (1 - math.cos(math.pi / 50))},
         "ema_tau": constant(0.5)}),
-    ("hnpm", dict(optimizer="sgd", warmup_epochs=2), {"lr": warmup_cosine(0.1 * 2), "ema_tau": constant(0.5)}),
-    ("reco", dict(warmup_epochs=2), {"lr": warmup_cosine(0.03 * 2), "ema_momentum": constant(0.999)}),
+    ("reco", dict(warmup_epochs=2), {"lr": warmup_cosine(0.06 * 2), "ema_momentum": constant(0.999)}),
 ]
-RUN_OF = {"hnpm": dict(epochs=10, batch_size=512)}  # hnpm's own default: no warm-up
+RUN_OF = {}
 MODULES = {"ressl": ressl, "smog": smog, "median_triplet": median_triplet, "hnpm": hnpm, "reco": reco}
 
 

@@ -283,7 +283,7 @@ def test_ressl_step():
 def test_reco_step():
     """SGD on the online encoder (all three terms on); momentum encoder by EMA; the step's keys enter the queue and
     its weak keys the bank of Eq. (3) at the same rows; the pointer moves on by the batch."""
-    cfg = reco.Config(proj_dim=16, queue_size=12, bn_splits=1, ema_momentum=0.5, **SGD)
+    cfg = reco.Config(proj_dim=16, queue_size=12, bn_splits=1, ema_momentum=0.5, global_bank="weak", **SGD)
     views = images(3)
 
     def before(raw, state):
@@ -319,7 +319,7 @@ def test_hnpm_step(optimizer):
 def test_hnpm_step_with_student_grad():
     """--student-grad: the student is trained by the same optimiser (clipped together with the teacher), then
     averaged toward the updated teacher: student <- tau (its optimiser update) + (1 - tau) teacher."""
-    cfg = hnpm.Config(proj_hidden=32, proj_dim=16, student_grad=True, **{**SGD, "lr": 0.1})
+    cfg = hnpm.Config(proj_hidden=32, proj_dim=16, student_grad=True, **{**SGD, "lr": 0.1, "optimizer": "adam"})
     student_names = {}
 
     def extra(student):
