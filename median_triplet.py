@@ -7,9 +7,10 @@ A BYOL network (online backbone -> projector -> predictor; EMA target) trained w
 is pulled towards the target projection of its other view and pushed away from ONE negative, the rank-k closest target
 projection among the other images of the batch; k is the median, m // 2, by default (Sec. 3.2).
 
-Run:    accelerate launch median_triplet.py --data-dir data           (CIFAR-10, 200 epochs, the median k)
+Run:    accelerate launch median_triplet.py --data-dir data           (CIFAR-10: --recipe small, the median k)
 Smoke:  python median_triplet.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0
-Paper:  add --batch-size 104 --rank-k 52 (a batch of 104 as on each GPU of Sec. 4, k = 52 of Sec. 3.3); Tables 6 / 7:
+Paper:  accelerate launch --num_processes 8 median_triplet.py --dataset imagenet --data-dir DIR --recipe paper
+        (Sec. 4: ResNet-50, LARS, 104 images x 8 GPUs, update interval 5, 200 epochs: PAPER); Tables 6 / 7:
         --margin 0.3 | 1.2, --rank-k 1 | 5; Eq. (1): --rank-k 1 --gamma 1; the released head: --negatives range.
 
 Glossary (the paper's symbols; online / target are BYOL's):
@@ -27,11 +28,11 @@ Interpretations (the paper is silent or ambiguous) and deviations; each marked i
     Interpretation 4: the median is k = m // 2; the loss sums both directions (view 1 -> 2 and 2 -> 1).
     Interpretation 5: augmentation parameters are BYOL's; the released code's random batch resolution is not used.
     Interpretation 6: Table 5 is counted per global batch over each epoch, both directions' anchors.
-    Interpretation 7: target momentum 0.99 ramped to 1 on a cosine (the released code's values).
+    Interpretation 7: target momentum 0.99 ramped to 1 on a cosine, once per optimiser update (as released).
     Interpretation 8: heads are BYOL's (projector 4096 -> 256, predictor on the online branch), as released.
-    Interpretation 9: no Gaussian blur for images <= 64 px (--blur auto, CIFAR recipes); --blur on restores BYOL's.
-    Interpretation 10: --negatives range is the released head (mean distance of ranks 2..10); Table 5 counts any.
-    Deviation 1: CIFAR-scale SGD recipe instead of the paper's ImageNet LARS protocol; no gradient accumulation.
+    Interpretation 9: --negatives range is the released head (mean distance of ranks 2..10); Table 5 counts any.
+    Interpretation 10: --recipe paper: lr "starts from 4.8" after 10 warm-up epochs (OpenSelfSup [49], as released).
+    Deviation 1: no Gaussian blur for images <= 64 px (--blur auto; Sec. 4 lists blur); --blur on restores BYOL's.
     Deviation 2: negatives span the global batch (the paper: each GPU's batch), so no result depends on the GPU count.
 """
 import copy
@@ -53,9 +54,8 @@ from common import ViewSpec
 
 @dataclass
 class Config(common.BaseConfig):
-    # Median triplet (the generic fields, common.BaseConfig, hold Deviation 1's CIFAR recipe: SGD, lr 0.06, wd 5e-4,
-    # 200 epochs; paper: LARS, lr 4.8, wd 1e-6, batch 104 x 8 GPUs, update interval 5). --batch-size is the global
-    # batch: m = batch_size - 1 negatives per anchor (Deviation 2)
+    # Median triplet's own fields (the generic ones are common.BaseConfig's small protocol; the paper's: PAPER).
+    # --batch-size is the global batch: m = batch_size - 1 negatives per anchor (Deviation 2)
     proj_hidden: int = 4096  # projector and predictor hidden width (BYOL's, as released; Interpretation 8)
     proj_dim: int = 256  # embedding width (Interpretation 8)
     ema_momentum: float = 0.99  # base target momentum, ramped to 1 on a cosine (Interpretation 7)
@@ -66,11 +66,22 @@ class Config(common.BaseConfig):
     gamma: float = 2.0  # weight of the positive distance in Eq. (2) (Sec. 3.2)
     margin: float = 100.0  # C of Eq. (2) (Table 6: 0.3, 1.2, 100)
     crop_min_scale: float = 0.08  # lower bound of the random resized crop (BYOL's; Interpretation 5)
-    blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Interpretation 9)
+    blur: Literal["auto", "on", "off"] = "auto"  # BYOL's Gaussian blur; auto: off for <= 64 px (Deviation 1)
 
 
-# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
-PAPER = {}
+# --recipe paper: Sec. 4's protocol behind Table 1 (each value cited); --recipe small is the defaults above
+PAPER = {
+    "arch": "resnet50",  # Sec. 4: "The backbone is ResNet-50"
+    "optimizer": "lars",  # Sec. 4: "The optimizer is LARS [17] with a momentum 0.9"
+    "momentum": 0.9,  # Sec. 4
+    "batch_size": 832,  # Sec. 4: "104 images per GPU, and we use eight GPUs" (global; m = 831, Deviation 2)
+    "accumulate": 5,  # Sec. 4: "The gradient update interval is five steps"
+    "lr": 4.8 * 256 / (832 * 5),  # Sec. 4: "starts from 4.8", for 4160 images per update (x 4160 / 256 in schedules)
+    "warmup_epochs": 10,  # Interpretation 10: OpenSelfSup [49]'s BYOL config and the released ones, warmup_iters=10
+    "weight_decay": 1e-6,  # Sec. 4: "The weight decay factor is 1e-6"
+    "epochs": 200,  # Sec. 4: "The maximum epoch is 200"
+    "blur": "on",  # Sec. 4: "Gaussian blurring" (BYOL's p 1.0 / 0.1, Interpretation 5) at every size
+}
 
 
 # ----------------------------------------------------------------------------- Augmentations
@@ -79,7 +90,7 @@ def view_specs(cfg, size):
     """[view 1, view 2]: BYOL's asymmetric pair (Sec. 4 names the operations; Interpretation 5). Both: crop
     (--crop-min-scale, 1), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2; Gaussian blur
     (sigma 0.1-2, kernel about 10 % of the side) p 1.0 / 0.1 and solarisation p 0 / 0.2 for views 1 / 2."""
-    # Interpretation 9: no blur for images <= 64 px unless --blur on (CIFAR recipes of this family drop it)
+    # Deviation 1: no blur for images <= 64 px unless --blur on (CIFAR recipes of this family drop it)
     blur = cfg.blur == "on" or (cfg.blur == "auto" and size > 64)
     byol = dict(crop_scale=(cfg.crop_min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
                 blur_sigma=(0.1, 2.0))
@@ -187,7 +198,7 @@ def overclustering_events(neg_idx, anchor_labels, all_labels):
     """Table 5 (labels feed this monitor only). neg_idx (B, R): the rows of z used as each anchor's negative
     (negative_index; R > 1 for the released head); anchor_labels (B,); all_labels (N,) labels of the rows of z; -1
     (unlabelled, STL-10) is never counted. -> omega_i (B,) bool: the rank-k negative has the anchor's label
-    (Interpretation 10: any of the R); event_b, 0-dim bool: the batch holds two labelled images of one class (event
+    (Interpretation 9: any of the R); event_b, 0-dim bool: the batch holds two labelled images of one class (event
     B). A batch has event Omega when omega_i is True for any of its anchors. No host synchronisation."""
     same = all_labels[neg_idx] == anchor_labels[:, None]  # (B, R)
     omega_i = same.any(dim=1) & (anchor_labels >= 0)  # (B,)
@@ -222,7 +233,7 @@ def target_momentum(step, total_steps, base):
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up to base_lr, then cosine decay to 0 (Deviation 1)."""
+    """Linear warm-up to base_lr, then cosine decay to 0 (Sec. 4: "cosine annealing"; Interpretation 10)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -261,7 +272,7 @@ def forward_loss(online, state, views, labels, cfg, accelerator):
     # Deviation 2: negatives from every process; accelerator.gather carries no gradient, the target needs none
     z1_all, z2_all, labels_all = accelerator.gather((z1.float().contiguous(), z2.float().contiguous(), labels))
     ranks = dict(k=cfg.rank_k or None, pos_offset=accelerator.process_index * len(p1),  # rank_k 0: the median
-                 k_range=(cfg.range_first, cfg.range_last) if cfg.negatives == "range" else None)  # Interpretation 10
+                 k_range=(cfg.range_first, cfg.range_last) if cfg.negatives == "range" else None)  # Interpretation 9
     # Interpretation 4: both directions, summed: online(view 1) vs target(view 2), online(view 2) vs target(view 1)
     loss_12 = triplet_loss(p1, z2_all, gamma=cfg.gamma, margin=cfg.margin, **ranks)
     loss_21 = triplet_loss(p2, z1_all, gamma=cfg.gamma, margin=cfg.margin, **ranks)
@@ -277,8 +288,9 @@ def forward_loss(online, state, views, labels, cfg, accelerator):
 
 
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
-    """One optimiser step, no host sync: Eq. (2) both ways against the target as it was before the step, SGD on the
-    online network, then the target's EMA toward the updated online network (`step`: unused, a shared signature)."""
+    """One batch, no host sync: Eq. (2) both ways against the target as it was before the step, backward (Accelerate
+    divides the loss by --accumulate), then on the last batch of an --accumulate window only the optimiser step on the
+    mean gradient of the window's batches and the target's EMA toward the updated online network (`step`: unused)."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, logs = forward_loss(online, state, views, labels, cfg, accelerator)
@@ -293,7 +305,8 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 
 
 def schedules(cfg, step, steps_per_epoch):
-    """This step's learning rate (linear warm-up, then cosine; Deviation 1) and target momentum (Interpretation 7)."""
+    """The values of optimiser update `step`: learning rate (linear warm-up, then cosine; x batch x accumulate / 256)
+    and target momentum (Interpretation 7)."""
     total = cfg.epochs * steps_per_epoch
     base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
     return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, base_lr),
@@ -306,8 +319,7 @@ def setup(cfg, data, accelerator):
     online = Online(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN, as the released SyncBN; target too
-    # Deviation 1: SGD at CIFAR scale instead of LARS
-    optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
+    optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd (small), lars (paper) or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     state = MomentumState(accelerator.unwrap_model(online)).to(accelerator.device)
     accelerator.register_for_checkpointing(state)

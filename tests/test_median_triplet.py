@@ -1,7 +1,7 @@
 """Median triplet: Eq. (2) and the released head (ranks 2..10 averaged) against hand-computed values and a loop
 transcription, the Sec. 3.3 probability against exact fractions, the Table 5 diagnostic, schedules and EMA, the views
-(no blur at 32 px by default), the paper's defaults, and the script end to end (smoke, resume, two processes, bad
-input)."""
+(no blur at 32 px by default), the paper's defaults, --recipe paper and its schedules, gradient accumulation, and the
+script end to end (smoke, resume, two processes, bad input)."""
 import copy
 import json
 import math
@@ -295,6 +295,64 @@ def test_lr_schedule_end_points():
     assert mt.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert mt.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert mt.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paper_recipe_is_section_4():
+    """--recipe paper: Sec. 4's protocol; the schedules per optimiser update reach the paper's lr 4.8 at the end of
+    the 10 warm-up epochs (0.2953... x 832 x 5 / 256 = 4.8) and 0 at the last update; the target momentum runs from
+    0.99 to 1. 100 updates an epoch: 1000 warm-up updates, 20000 in all."""
+    cfg = common.parse_config(mt.Config, ["--recipe", "paper"], mt.PAPER)
+    assert (cfg.arch, cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.epochs) == ("resnet50", "lars", 0.9, 1e-6, 200)
+    assert (cfg.batch_size, cfg.accumulate, cfg.warmup_epochs, cfg.blur) == (832, 5, 10, "on")  # 104 x 8 GPUs
+    assert (cfg.rank_k, cfg.gamma, cfg.margin, cfg.ema_momentum) == (0, 2.0, 100.0, 0.99)  # the small recipe's
+    small = common.parse_config(mt.Config, ["--recipe", "small"], mt.PAPER)
+    assert (small.optimizer, small.lr, small.batch_size, small.accumulate, small.blur) == ("sgd", 0.06, 256, 1, "auto")
+    first, peak, last = (mt.schedules(cfg, s, 100) for s in (0, 1000, 20000))
+    assert first["lr"] == pytest.approx(4.8 / 1000) and peak["lr"] == pytest.approx(4.8)
+    assert last["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert first["ema_momentum"] == pytest.approx(0.99) and last["ema_momentum"] == pytest.approx(1.0)
+    # the cosine's half-way point after the warm-up: lr 2.4; the momentum at half the run: 0.995
+    assert mt.schedules(cfg, 10500, 100)["lr"] == pytest.approx(2.4)
+    assert mt.schedules(cfg, 10000, 100)["ema_momentum"] == pytest.approx(0.995)
+    assert mt.view_specs(cfg, 224)[0].blur_p == mt.view_specs(cfg, 32)[0].blur_p == 1.0  # blur at every size
+
+
+def test_accumulation_is_the_mean_of_per_batch_losses_and_one_ema_move(monkeypatch):
+    """--accumulate 5 (Sec. 4's "gradient update interval is five steps"), through Run.accumulate as train() runs it:
+    each batch's Eq. (2) uses that batch's own negatives (m = 5 here, not 29); the update applies the MEAN of the five
+    batches' gradients once (SGD, first step: p - lr (g + wd p)); the target moves once, after the fifth batch. This
+    is not one step on the 5x batch, whose gradient differs (its negatives come from all 30 images)."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=5)
+    monkeypatch.setattr(mt, "build_backbone", lambda arch, stem: (nn.Sequential(  # a small stand-in for speed
+        nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8))
+    cfg, online, optimizer, state, _, _ = _tiny_step_setup(accelerator, accumulate=5)
+    online.eval()  # BN on running statistics: each batch's gradient does not depend on the other batches
+    state.target.eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [([torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)], torch.arange(6)) for _ in range(5)]
+    online0, target0 = copy.deepcopy(online), copy.deepcopy(dict(state.target.named_parameters()))
+
+    def grads_of(views, labels):  # eval-mode BN: the forward changes nothing in online0
+        loss, _ = mt.forward_loss(online0, state, views, labels, cfg, accelerator)
+        return torch.autograd.grad(loss, list(online0.parameters()))
+    per_batch = [grads_of(*b) for b in batches]  # against the target before the window (it moves only at its end)
+    mean = [torch.stack(gs).mean(0) for gs in zip(*per_batch)]
+    sched, run = {"lr": 0.1, "ema_momentum": 0.9}, SimpleNamespace(accelerator=accelerator)
+    for step, (views, labels) in enumerate(batches):
+        with common.Run.accumulate(run, step, online):
+            mt.train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator)
+        moved = any(not torch.equal(a, b) for a, b in zip(online.parameters(), online0.parameters()))
+        target_moved = any(not torch.equal(p, target0[k]) for k, p in state.target.named_parameters())
+        assert moved == target_moved == (step == 4), step
+    for (name, p), p0, gm in zip(online.named_parameters(), online0.parameters(), mean):
+        assert torch.allclose(p.grad, gm, atol=1e-6), name
+        assert torch.allclose(p, p0 - 0.1 * (gm + cfg.weight_decay * p0), atol=1e-6), name
+    new = dict(nn.Sequential(online.backbone, online.projector).named_parameters())
+    for name, t in state.target.named_parameters():  # ONE move: 0.9 t0 + 0.1 online
+        assert torch.allclose(t, 0.9 * target0[name] + 0.1 * new[name].detach(), atol=1e-6), name
+    big = grads_of([torch.cat([b[0][v] for b in batches]) for v in range(2)], torch.arange(30))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(big, mean))
 
 
 @pytest.mark.parametrize("m", [0.0, 1.0, 0.9])
