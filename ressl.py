@@ -4,12 +4,13 @@ https://arxiv.org/abs/2107.09282). Usage, logged metrics, paper-to-code map and 
 
 A student (strong view) learns to match the sharpened similarity distribution that an EMA teacher (weak view)
 computes over a queue of past teacher embeddings (Eqs. 3-6), through an asymmetric predictor and with an InfoNCE
-warm-up (Eq. 7). The defaults are the paper's small-scale setting (Sec. 4, CIFAR-10).
+warm-up (Eq. 7). The defaults (--recipe small) are Sec. 4's CIFAR-10 setting; --recipe paper is Sec. 5.1's
+ImageNet recipe (PAPER below: LARS, batch 1024, m 0.996 -> 1, BYOL-like student view), --multi-crop Table 8's crops.
 
-Run:    accelerate launch ressl.py --data-dir data
+Run:    accelerate launch ressl.py --data-dir data    (Sec. 4; --dataset cifar100 --tau-t 0.03: Table 1's best)
 Smoke:  python ressl.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0 --queue-size 256
-Paper:  accelerate launch ressl.py --dataset cifar100 --tau-t 0.03    (also stl10, tiny-imagenet: Table 1's best)
-        add --no-infonce-warmup for Tables 1, 2, 4, 5 and 6, which were measured without it
+Paper:  accelerate launch --num_processes 8 ressl.py --dataset imagenet --data-dir /data/imagenet --recipe paper
+        (Table 7's ReSSL (1 Crop); add --multi-crop for Table 8's ReSSL (Multi); docs/ressl.md for the rest)
 
 Glossary (the paper's names):
     student   F_s -> g_s -> q: backbone, projector, predictor; gets the gradient; sees the strong view x^1.
@@ -26,9 +27,12 @@ Interpretations and deviations (marked in the code; what, why and evidence in do
     Interpretation 3: head sizes given for ImageNet only; Sec. 5.1's hidden 4096, output 256, BN + ReLU.
     Interpretation 4: the queue starts as random unit vectors (MoCo, the authors' code).
     Interpretation 5: flip, grayscale, jitter, blur sigma/kernel from MoCo v2 / authors' code; CIFAR stem <= 64 px.
+    Interpretation 6: multi-crop loss (not given): the mean over student crops of Eq. (7), as the authors' code.
+    Interpretation 7: the BYOL-like view's other values (jitter, grayscale, flip, blur sigma) are BYOL's.
     Deviation 1: without the predictor the student keeps global BN (the teacher has shuffle BN, --bn-splits).
 """
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -54,7 +58,8 @@ class Config(common.BaseConfig):
     predictor: bool = True  # asymmetric predictor head on the student (Sec. 3.3; --no-predictor: Table 2)
     # Sec. 4: global BN with the predictor, shuffle BN without it
     bn_splits: int = 0  # teacher BN groups over a shuffle of the global batch; 0: 1 with the predictor, 8 without
-    ema_momentum: float = 0.99  # teacher momentum m of Eq. (6) for small datasets (Sec. 4)
+    ema_momentum: float = 0.99  # teacher momentum m of Eq. (6) for small datasets (Sec. 4); cosine: its start
+    ema_schedule: Literal["constant", "cosine"] = "constant"  # cosine: m rises to 1 by the last step (Sec. 5.1)
     queue_size: int = 0  # K; 0: 4096 for 32-px data, 16384 otherwise (Sec. 4, Table 6)
     tau_s: float = 0.1  # student temperature of Eq. (3) (Table 1)
     tau_t: float = 0.04  # teacher temperature of Eq. (4) (Table 1: best on CIFAR-10; 0.03 on the other data sets)
@@ -62,22 +67,45 @@ class Config(common.BaseConfig):
     infonce_warmup_epochs: int = 10  # alpha reaches 1 after this many epochs (Interpretation 1)
     tau_nce: float = 0.1  # temperature of the warm-up InfoNCE, Eq. (1) (Interpretation 2)
     teacher_aug: Literal["weak", "strong"] = "weak"  # teacher's view (Tables 4-5)
+    student_aug: Literal["mocov2", "byol"] = "mocov2"  # student's view: Sec. 4's, or Sec. 5.1's BYOL-like one
+    multi_crop: bool = False  # Table 8: 5 student crops, 224/192/160/128/96 px at 224 (scaled to the run's size)
 
 
-# --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
-PAPER = {}
+# --recipe paper: Sec. 5.1's ImageNet recipe of Table 7's "ReSSL (1 Crop)"; --recipe small is the defaults above
+PAPER = dict(
+    arch="resnet50", epochs=200,  # Table 7: "ImageNet with the ResNet-50 backbone", 200 epochs
+    batch_size=1024,  # Sec. 5.1: "we use a batch size of 1024"
+    optimizer="lars", lr=0.6,  # Sec. 5.1: "LARS [83] optimizer with learning rate equals to 0.6*BatchSize/256"
+    momentum=0.9, weight_decay=1e-6,  # Sec. 5.1: "momentum 0.9, and weight decay 1e-6"
+    warmup_epochs=10,  # Sec. 5.1: "a cosine learning rate scheduler [58] with 10 epochs of Warm-up"
+    queue_size=65536,  # Sec. 5.1: "a memory buffer to save 65536 past examples"
+    ema_momentum=0.996, ema_schedule="cosine",  # Sec. 5.1: "m = 0.996 and increases to 1 with a cosine schedule"
+    proj_hidden=4096, proj_dim=256,  # Sec. 5.1: "the hidden dimension is 4096, and the output dimension is 256"
+    predictor=True, infonce_warmup=True,  # Table 7: ReSSL without * ("without predictor and InfoNCE warm-up")
+    tau_s=0.1, tau_t=0.03,  # Sec. 5.1: "tau_t = 0.03 and tau_s = 0.1"
+    student_aug="byol",  # Sec. 5.1: "the strategy from [35]" with blur / solarisation 50% / 10%, min crop 14%
+    teacher_aug="weak",  # Sec. 5.1: "For weak augmentation, we follow the best setting in Table 4"
+)
 
 
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
-    """[student view, teacher view]. Student: Sec. 4's contrastive view, crop (0.2, 1), flip, colour distortion of
-    strength s = 0.5 (jitter 0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2, blur p 0.5 (Interpretation 5).
-    Teacher: Table 4's best row, crop (0.2, 1) and flip only (--teacher-aug strong: the student's view)."""
+    """[student view, teacher view, --multi-crop's 4 smaller student crops]. Student (mocov2): Sec. 4's contrastive
+    view, crop (0.2, 1), flip, colour distortion of strength s = 0.5 (jitter 0.8s, 0.8s, 0.8s, 0.2s) with p 0.8,
+    grayscale p 0.2, blur p 0.5 (Interpretation 5); byol: Sec. 5.1's. Teacher: Table 4's best row, crop (0.2, 1) and
+    flip only (--teacher-aug strong: the student's view)."""
     # Interpretation 5: flip, grayscale, jitter strengths, blur sigma and kernel as MoCo v2 / the authors' code
     strong = ViewSpec(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    if cfg.student_aug == "byol":  # Interpretation 7: BYOL's (arXiv 2006.07733, Table 6) with Sec. 5.1's changes
+        strong = ViewSpec(crop_scale=(0.14, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                          solarize_p=0.1)
+    crops = [strong]
+    if cfg.multi_crop:  # Table 8: sizes 224 ... 96 px and their min / max crop areas (the first replaces strong's)
+        crops = [dataclasses.replace(strong, size=round(size * s / 224), crop_scale=c) for s, c in zip(
+            (224, 192, 160, 128, 96), ((0.14, 1.0), (0.117, 0.86), (0.095, 0.715), (0.073, 0.571), (0.05, 0.429)))]
     weak = ViewSpec(crop_scale=(0.2, 1.0))
-    return [strong, strong if cfg.teacher_aug == "strong" else weak]
+    return [crops[0], crops[0] if cfg.teacher_aug == "strong" else weak, *crops[1:]]
 
 
 # ----------------------------------------------------------------------------- Encoder and heads
@@ -186,6 +214,7 @@ class MomentumState(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # Interpretation 4
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.pending = []  # (keys, labels) of the --accumulate window so far: they enter the queue at its update
 
 
 @torch.no_grad()
@@ -193,8 +222,7 @@ def ema_update(teacher, student, m):
     """Eq. (6): theta_t <- m * theta_t + (1 - m) * theta_s, fused over all parameters. BN running statistics are
     copied (the teacher runs in train mode, so they only matter for whoever evaluates the teacher)."""
     params = list(teacher.parameters())
-    torch._foreach_mul_(params, m)
-    torch._foreach_add_(params, [p.detach() for p in student.parameters()], alpha=1 - m)
+    torch._foreach_lerp_(params, [p.detach() for p in student.parameters()], 1 - m)  # one fused op
     torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
 
 
@@ -213,6 +241,14 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_at(step, total_steps, base, schedule):
+    """Teacher momentum: constant, or Sec. 5.1's rise from `base` to 1 by BYOL's cosine (https://arxiv.org/abs/
+    2006.07733, Sec. 3.3): m = 1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2."""
+    if schedule == "constant":
+        return base
+    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
 
 
 def warmup_alpha(step, warmup_steps, enabled):
@@ -246,8 +282,9 @@ def check_config(cfg, num_processes):
     for name in ("tau_s", "tau_t", "tau_nce"):
         require(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}.")
     require(0 <= cfg.ema_momentum <= 1, f"--ema-momentum must lie in [0, 1], got {cfg.ema_momentum}.")
-    require(cfg.queue_size >= 0 and (cfg.queue_size or 4096) >= cfg.batch_size,
-            f"--queue-size {cfg.queue_size} must be at least --batch-size {cfg.batch_size} (0: the default).")
+    require(cfg.queue_size >= 0 and (cfg.queue_size or 4096) >= cfg.batch_size * cfg.accumulate,
+            f"--queue-size {cfg.queue_size} must be at least --batch-size {cfg.batch_size} x --accumulate "
+            f"{cfg.accumulate} (0: the default).")
     require(cfg.infonce_warmup_epochs >= 0, "--infonce-warmup-epochs must be 0 or more.")
     require(cfg.bn_splits >= 0, f"--bn-splits must be 0 (auto) or more, got {cfg.bn_splits}.")
     splits = teacher_bn_splits(cfg)
@@ -260,8 +297,8 @@ def check_config(cfg, num_processes):
 def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
     """The loss of this process's share of the batch -> (loss, teacher keys (B, D), logs). `step` (global optimiser
     step) seeds the shuffle of shuffle BN (drawn on the device: no host copy), used when teacher_bn_splits(cfg) > 1."""
-    x_s, x_t = views  # strong view for the student, weak (or strong) for the teacher
-    p = student(x_s)  # (B, D)
+    x_s, x_t, *x_more = views  # strong view for the student, weak (or strong) for the teacher, --multi-crop's crops
+    p = torch.cat([student(x) for x in (x_s, *x_more)])  # (V B, D): crop-major, one forward per crop size
     with torch.no_grad(), accelerator.autocast():
         if teacher_bn_splits(cfg) > 1:
             x_all = accelerator.gather(x_t.contiguous())  # (N, C, H, W)
@@ -271,8 +308,10 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
             z_t = shuffle_bn(state.teacher, x_all, shuffle, accelerator)[rank * b:(rank + 1) * b]  # (B, D)
         else:
             z_t = state.teacher(x_t)  # (B, D), global BN
-    rel = relation_loss(p, z_t, state.queue, cfg.tau_s, cfg.tau_t)
-    nce = infonce_loss(p, z_t, state.queue, cfg.tau_nce) if alpha < 1 else torch.zeros((), device=p.device)
+    # Interpretation 6: every crop against its image's teacher target, the mean over crops and images (V = 1: Eq. 7)
+    z_rep = z_t.repeat(len(p) // len(z_t), 1)  # (V B, D)
+    rel = relation_loss(p, z_rep, state.queue, cfg.tau_s, cfg.tau_t)
+    nce = infonce_loss(p, z_rep, state.queue, cfg.tau_nce) if alpha < 1 else torch.zeros((), device=p.device)
     loss = total_loss(rel, nce, alpha)
     with torch.no_grad():
         # Fig. 2 diagnostic: does the teacher's most similar queue entry (argmax p^2) share the query's label?
@@ -284,28 +323,34 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
 
 
 def train_step(student, state, optimizer, views, labels, cfg, sched, step, accelerator):
-    """One optimiser step, in the paper's order: the loss against the queue as it was before this batch, SGD on the
-    student, the teacher's EMA (Eq. 6), then the batch's teacher keys (from every process) enter the queue."""
+    """One batch, in the paper's order: the loss against the queue as it was before this batch, SGD on the student,
+    the teacher's EMA (Eq. 6), then the batch's teacher keys (from every process) enter the queue. With --accumulate
+    the last three wait for the window's last batch, and its keys enter together, as one large batch's."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     loss, keys, logs = forward_loss(student, state, views, labels, cfg, sched["alpha"], step, accelerator)
     common.zero_grad(optimizer, accelerator)  # on the first batch of each --accumulate window
     accelerator.backward(loss)
     optimizer.step()
-    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:  # fp16 skipped it: nothing moves
-        raw = accelerator.unwrap_model(student)
-        ema_update(state.teacher, nn.Sequential(raw.backbone, raw.projector), sched["ema_momentum"])
-        state.ptr.copy_(enqueue(state.queue, state.queue_labels, state.ptr, accelerator.gather(keys),
-                                accelerator.gather(labels)))
+    state.pending.append((accelerator.gather(keys), accelerator.gather(labels)))
+    if accelerator.sync_gradients:
+        keys, labels = (torch.cat(t) for t in zip(*state.pending))
+        state.pending.clear()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 skipped it: nothing moves
+            raw = accelerator.unwrap_model(student)
+            ema_update(state.teacher, nn.Sequential(raw.backbone, raw.projector), sched["ema_momentum"])
+            state.ptr.copy_(enqueue(state.queue, state.queue_labels, state.ptr, keys, labels))
     return {"loss": loss.detach(), **logs}
 
 
 def schedules(cfg, step, steps_per_epoch):
-    """This step's learning rate (linear warm-up, then cosine; Sec. 4), alpha of Eq. (7) and teacher momentum."""
-    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
-    return {"lr": lr_at(step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, base_lr),
+    """This update's learning rate (linear warm-up, then cosine; Secs. 4, 5.1), alpha of Eq. (7) and teacher
+    momentum m of Eq. (6). `step` and `steps_per_epoch` count optimiser updates."""
+    base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256  # lr x (effective) BatchSize / 256
+    total = cfg.epochs * steps_per_epoch
+    return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, base_lr),
             "alpha": warmup_alpha(step, cfg.infonce_warmup_epochs * steps_per_epoch, cfg.infonce_warmup),
-            "ema_momentum": cfg.ema_momentum}
+            "ema_momentum": ema_at(step, total, cfg.ema_momentum, cfg.ema_schedule)}
 
 
 def setup(cfg, data, accelerator):
@@ -313,7 +358,7 @@ def setup(cfg, data, accelerator):
     for checkpointing -> (student, optimizer, state)."""
     student = Student(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # global BN (Deviation 1); the teacher inherits it
+        student = common.global_batchnorm(student)  # global BN (Deviation 1); the teacher inherits it
     optimizer = common.make_optimizer(cfg, student)  # --optimizer: sgd, lars or adam
     student, optimizer = accelerator.prepare(common.fast_model(student, cfg, accelerator), optimizer)
     splits, queue_size = teacher_bn_splits(cfg), cfg.queue_size or (4096 if data.size <= 32 else 16384)
