@@ -226,8 +226,7 @@ def ema_update(student, teacher, tau):
     freezes the student (Table 7). Interpretation 9: BN running statistics are copied (the student runs in train
     mode, so they only matter for whoever evaluates it)."""
     params = list(student.parameters())
-    torch._foreach_mul_(params, tau)
-    torch._foreach_add_(params, [p.detach() for p in teacher.parameters()], alpha=1 - tau)
+    torch._foreach_lerp_(params, [p.detach() for p in teacher.parameters()], 1 - tau)  # one fused op
     torch._foreach_copy_(list(student.buffers()), list(teacher.buffers()))
 
 
@@ -325,7 +324,7 @@ def setup(cfg, data, accelerator):
     -> (teacher, optimizer, student)."""
     teacher = Teacher(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # Interpretation 14: the student inherits it
+        teacher = common.global_batchnorm(teacher)  # Interpretation 14: the student inherits it
     optimizer = common.make_optimizer(cfg, teacher)  # --optimizer: sgd, lars or adam (Sec. 3.5: Adam)
     teacher, optimizer = accelerator.prepare(common.fast_model(teacher, cfg, accelerator), optimizer)
     # Interpretation 10: S starts as T and stays in train mode (batch statistics); identical on every process

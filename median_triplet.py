@@ -222,8 +222,7 @@ def ema_update(target, online, m):
     """BYOL's mean teacher, fused over all parameters: theta_target <- m * theta_target + (1 - m) * theta_online.
     BN running statistics are copied (the target runs in train mode: they matter only to whoever evaluates it)."""
     params = list(target.parameters())
-    torch._foreach_mul_(params, m)
-    torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
+    torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - m)  # one fused op
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
@@ -318,7 +317,7 @@ def setup(cfg, data, accelerator):
     for checkpointing -> (online, optimizer, state)."""
     online = Online(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN, as the released SyncBN; target too
+        online = common.global_batchnorm(online)  # global BN, as the released SyncBN; target too
     optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd (small), lars (paper) or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     state = MomentumState(accelerator.unwrap_model(online)).to(accelerator.device)

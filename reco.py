@@ -287,8 +287,7 @@ def ema_update(target, online, m):
     """MoCo's momentum update theta^ <- m * theta^ + (1 - m) * theta, one fused call over all parameters; BN running
     statistics are copied (the momentum encoder runs in train mode with split BN, so they only matter for eval)."""
     params = list(target.parameters())
-    torch._foreach_mul_(params, m)
-    torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
+    torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - m)  # one fused op
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
@@ -426,7 +425,7 @@ def setup(cfg, data, accelerator):
     bank of Eq. 3), registered for checkpointing -> (online, optimizer, state)."""
     online = OnlineEncoder(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN (Deviation 1)
+        online = common.global_batchnorm(online)  # global BN (Deviation 1)
     optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     # Deviation 2: the paper's K = 65536 would exceed a smaller data set (MoCo's CIFAR-10 recipe uses 4096)

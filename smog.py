@@ -218,8 +218,7 @@ class MomentumState(nn.Module):
 def ema_update(target, online, m):
     """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameters; BN statistics copied."""
     params = list(target.parameters())
-    torch._foreach_mul_(params, m)
-    torch._foreach_add_(params, [p.detach() for p in online.parameters()], alpha=1 - m)
+    torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - m)  # one fused op
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
@@ -409,7 +408,7 @@ def setup(cfg, data, accelerator):
     for checkpointing -> (online, optimizer, state)."""
     online = Online(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # global BN (Interpretation 9)
+        online = common.global_batchnorm(online)  # global BN (Interpretation 9)
     optimizer = common.make_optimizer(cfg, online)  # --optimizer: sgd, lars or adam
     online, optimizer = accelerator.prepare(common.fast_model(online, cfg, accelerator), optimizer)
     cache_size = cfg.reset_every * cfg.accumulate * cfg.batch_size if cfg.kmeans_reset else 0

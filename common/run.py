@@ -133,8 +133,9 @@ class Run:
         self.last_epoch = min(cfg.epochs, cfg.stop_after_epochs or cfg.epochs)  # this invocation ends after it
         # progress: the current step and epoch, images seen in this epoch and its start time, the progress bar
         self.step, self.epoch, self.seen, self.epoch_tic, self.tic, self.bar = 0, 0, 0, time.time(), time.time(), None
-        # stops: a signal sets `signalled`; stop_reason is "signal" or "non-finite" once the loop must end
-        self.signalled, self.stop_reason = False, None
+        # stops: a signal sets `signalled`, `stop_agreed` once every process knows; stop_reason is "signal" (at the
+        # next --accumulate window's end: a checkpoint holds no half-summed gradient) or "non-finite" once it must end
+        self.signalled, self.stop_agreed, self.stop_reason = False, False, None
         # non-finite watch on the device: (step of the first bad loss or -1, its terms, steps counted), term names
         self.bad, self.terms_names = None, []
         self.memory_loader = self.query_loader = None  # kNN monitor loaders, built at the first evaluation
@@ -208,8 +209,10 @@ class Run:
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{means[0]:.3f}")
             if total[-1] > 0:
-                self.stop_reason = "signal"
+                self.stop_agreed = True
         elif self.signalled and self.accelerator.num_processes == 1:  # a Python flag: no host sync
+            self.stop_agreed = True
+        if self.stop_agreed and step % self.cfg.accumulate == 0:  # at the end of an --accumulate window
             self.stop_reason = "signal"
         return self.stop_reason is not None
 

@@ -205,7 +205,7 @@ def cifar_subset(tmp_path_factory):
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
                      ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
                      ("smog",), ("smog", "multicrop"), ("reco", "--multi-crop"),
-                     ("batchnorm",)]
+                     ("ressl", "multi"), ("batchnorm",)]
 _two_process_done = {}
 
 

@@ -136,6 +136,9 @@ METHOD = {
         "infonce_warmup_epochs": Uses(1, ("schedules", "steps")),
         "tau_nce": Uses(0.2, ("steps",)),
         "teacher_aug": Uses("strong", ("views",)),
+        "ema_schedule": Uses("cosine", ("schedules", "steps")),
+        "student_aug": Uses("byol", ("views",)),
+        "multi_crop": Uses(True, ("views", "steps")),
     },
     "hnpm": {
         "projector": Uses(False, ("networks",)),
