@@ -30,7 +30,7 @@ Interpretations (the text silent or ambiguous; nothing departs from stated text)
     I10 the student runs in train mode; the teacher is evaluated and saved.    I11 the dataset's mean/std.
     I12 --recipe paper: Sec. 3.5's Adam, lr 0.1 as given, no weight decay or warm-up (none stated); its cosine
         "with the maximum number of iterations as 100" is one half-cosine over 100 epochs.
-    I13 augmentation probabilities are per image.    I14 SyncBatchNorm over GPUs (the paper says nothing on BN).
+    I13 augmentation probabilities are per image.    I14 global BatchNorm over GPUs (the paper says nothing).
 """
 import copy
 import math
