@@ -157,10 +157,28 @@ def sample_view_params(spec, n, in_hw, size, generator, device):
 
 
 def params_to(params, device):
+    """A dict of per-sample parameter tensors (n, ...) moved to `device` in ONE host-to-device copy: packed as float64
+    columns (exact for the bool, int64 crop boxes below 2^53 and float32 values they hold) into one buffer, pinned on
+    CUDA so that the copy does not block the host, and unpacked on the device. On the CPU: unchanged."""
     device = torch.device(device)
     if device.type == "cpu":
         return params
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in params.items()}
+    return _unpack(_pack(params, pin=device.type == "cuda").to(device, non_blocking=True), params)
+
+
+def _pack(params, pin=False):
+    packed = torch.cat([v.reshape(len(v), -1).to(torch.float64) for v in params.values()], dim=1)
+    return packed.pin_memory() if pin else packed
+
+
+def _unpack(packed, like):
+    """The columns of `packed` back into tensors of the dtypes and shapes of `like` (the dict that was packed)."""
+    out, col = {}, 0
+    for k, v in like.items():
+        width = math.prod(v.shape[1:])
+        out[k] = packed[:, col:col + width].to(v.dtype).reshape(v.shape)
+        col += width
+    return out
 
 
 def params_slice(params, start, stop):

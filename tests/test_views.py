@@ -574,3 +574,22 @@ def test_multiview_persistent_workers_see_set_epoch():
     fresh = MultiView(PILData(8), tfs, seed=1)
     (f1,) = epochs(fresh, DataLoader(fresh, batch_size=4, num_workers=0), [1])
     assert torch.equal(e1, f1)
+
+
+def test_params_reach_the_device_in_one_packed_copy_with_their_values_and_dtypes(monkeypatch):
+    """DeviceViews moves each view's parameters with ONE host-to-device copy: packed into float64 columns, unpacked on
+    the device. The round trip is exact for every parameter kind (bools, int64 crop boxes, (n, 4) orders, floats)."""
+    from common import views as V
+    spec = ViewSpec(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5, solarize_p=0.2)
+    params = V.sample_view_params(spec, 9, (300, 400), 32, torch.Generator().manual_seed(0), "cpu")
+    back = V._unpack(V._pack(params), params)
+    assert list(back) == list(params)
+    for k, v in params.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(a) or real_to(t, *a, **k))
+    moved = V.params_to(params, "meta")  # a non-CPU device without a GPU: shapes and dtypes only
+    assert sum(1 for a in copies if a and str(a[0]) == "meta") == 1  # one copy to the device for all parameters
+    assert {k: (v.dtype, v.shape, v.device.type) for k, v in moved.items()} == {
+        k: (v.dtype, v.shape, "meta") for k, v in params.items()}
