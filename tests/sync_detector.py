@@ -6,13 +6,18 @@ Recorded: reading a tensor's value on the host (`aten._local_scalar_dense`: .ite
 ops whose output size depends on values (nonzero, masked_select, boolean-mask indexing, unique), linear-algebra
 calls with a host-side error check (SVD, eigh, ...), and tensors made from Python data inside the step
 (torch.tensor / torch.as_tensor of a Python number or list: a host-to-device copy on CUDA).
-Not visible on the CPU: `.to(device)` of a CPU tensor (the copy is a no-op here).
+Not visible to it on the CPU: `.to(device)` of a CPU tensor (the copy is a no-op here) and tensors made on the host
+without a device; `HostTensors`, a TorchFunctionMode, records those.
 
     with SyncDetector() as syncs:
         train_step(...)
     assert syncs.ops == [], syncs.ops
 """
+import os
+import traceback
+
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -58,3 +63,34 @@ class SyncDetector(TorchDispatchMode):
                 or name in ("index", "index_put", "index_put_", "_index_put_impl_") and _bool_index(args)):
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def _called_from_this_repo():
+    """Whether the innermost Python frame outside this file is this repository's code: torch's own moves of a tensor
+    to the device it is already on (clip_grad_norm_'s `norm.to(first_device)`) are no copies on CUDA."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename != __file__:
+            return "site-packages" not in frame.filename and os.sep + "torch" + os.sep not in frame.filename
+    return False
+
+
+class HostTensors(TorchFunctionMode):
+    """What SyncDetector cannot see on the CPU: tensors built on the host inside the step (a factory given no device)
+    and `.to(device)` / `.cuda()` calls, each a host-to-device copy when the step runs on CUDA; recorded when this
+    repository's code makes them."""
+
+    FACTORIES = {torch.randperm, torch.randint, torch.rand, torch.randn, torch.arange, torch.zeros, torch.ones,
+                 torch.empty, torch.full, torch.tensor, torch.as_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        to_device = name in ("to", "cuda") and ("device" in kwargs or any(isinstance(a, (torch.device, str))
+                                                                         for a in args[1:]))
+        if ((func in self.FACTORIES and kwargs.get("device") is None) or to_device) and _called_from_this_repo():
+            self.calls.append(name)
+        return func(*args, **kwargs)

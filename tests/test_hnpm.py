@@ -18,7 +18,7 @@ import common
 import hnpm
 from conftest import (TINY, check_backbone, cli_error, grads_before_clipping, read_metrics, run, run_resumed,
                       two_process_results)
-from sync_detector import SyncDetector
+from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 SMALL = list(TINY)
@@ -405,10 +405,10 @@ def test_train_step_has_no_host_sync(flags):
         inner.step = unwatched
     views, labels = _batch()
     for step in range(3):
-        with SyncDetector() as syncs:
+        with SyncDetector() as syncs, HostTensors() as host:
             hnpm.train_step(teacher, student, optimizer, views, labels, cfg, hnpm.schedules(cfg, step, 10), step,
                             accelerator)
-        assert syncs.ops == [], (step, syncs.ops)
+        assert syncs.ops == [] and host.calls == [], (step, syncs.ops, host.calls)
 
 
 def test_train_takes_the_effective_rank_on_logging_steps_outside_the_step(tmp_path, monkeypatch):

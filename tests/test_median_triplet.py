@@ -19,7 +19,7 @@ import common
 import median_triplet as mt
 from common import latest_checkpoint
 from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
-from sync_detector import SyncDetector
+from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 
@@ -481,9 +481,9 @@ def test_train_step_has_no_host_sync(flags):
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True)
     cfg, online, optimizer, state, views, labels = _tiny_step_setup(accelerator, log_every=2, **flags)
-    with SyncDetector() as syncs:
+    with SyncDetector() as syncs, HostTensors() as host:
         logs = [mt.train_step(online, state, optimizer, views, labels, cfg, SCHED, s, accelerator) for s in range(3)]
-    assert syncs.ops == []
+    assert syncs.ops == [] and host.calls == [], (syncs.ops, host.calls)
     assert all(v.dim() == 0 and v.dtype == torch.long for v in logs[0]["table5"].values())
     table5 = {k: v.item() for k, v in logs[0]["table5"].items()}
     assert table5.keys() == {"same_label", "labelled", "omega", "event_b", "batches"}

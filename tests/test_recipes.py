@@ -49,7 +49,7 @@ def test_paper_recipe_prints_every_cited_value(script, capsys):
         assert shown["recipe"] == "paper"
         assert {k: shown[k] for k in m.PAPER} == _json(m.PAPER)
     # a typed flag wins over the table, and the small recipe ignores it
-    field, value = "epochs", m.PAPER["epochs"] + 1
+    value = m.PAPER["epochs"] + 1
     assert common.parse_config(m.Config, ["--recipe", "paper", "--epochs", str(value)], m.PAPER).epochs == value
     small = common.parse_config(m.Config, ["--recipe", "small"], m.PAPER)
     assert dataclasses.asdict(small) == {**dataclasses.asdict(m.Config()), "recipe": "small"}

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 import reco
 from common import latest_checkpoint
 from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
-from sync_detector import SyncDetector
+from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-dim", "16", "--queue-size", "16", "--bn-splits", "2"]
 NO_DATA = types.SimpleNamespace(cifar_stem=False)  # what setup() reads of the data when --queue-size is set
@@ -557,11 +557,12 @@ def test_train_step_has_no_host_sync(args):
     step of its own: the loss terms are read on the host in common.Run.after_step, Table III at the epoch's end."""
     cfg, online, optimizer, state, accelerator, views = _script_setup(args)
     online.train(), state.train()
+    labels = torch.arange(4)
     for step in range(3):
-        with SyncDetector() as syncs:
-            logs = reco.train_step(online, state, optimizer, views, torch.arange(4), cfg,
+        with SyncDetector() as syncs, HostTensors() as host:
+            logs = reco.train_step(online, state, optimizer, views, labels, cfg,
                                    reco.schedules(cfg, step, 10), step, accelerator)
-        assert syncs.ops == [], (step, syncs.ops)
+        assert syncs.ops == [] and host.calls == [], (step, syncs.ops, host.calls)
     assert isinstance(logs["r"], float) and all(torch.is_tensor(v) for k, v in logs.items() if k != "r")
 
 

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from torch.overrides import TorchFunctionMode
 
 import common
 import ressl
 from common import latest_checkpoint
 from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
-from sync_detector import SyncDetector
+from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
 
@@ -452,27 +451,6 @@ def _setup(accelerator, **kw):
     cfg = ressl.Config(proj_hidden=32, proj_dim=16, queue_size=16, batch_size=8, **kw)
     set_seed(0)
     return (cfg, *ressl.setup(cfg, SimpleNamespace(cifar_stem=False, size=32), accelerator))
-
-
-class HostTensors(TorchFunctionMode):
-    """What SyncDetector cannot see on the CPU: tensors built on the host inside the step (a factory given no device)
-    and `.to(device)` / `.cuda()` calls, each a host-to-device copy when the step runs on CUDA."""
-
-    FACTORIES = {torch.randperm, torch.randint, torch.rand, torch.randn, torch.arange, torch.zeros, torch.ones,
-                 torch.empty, torch.full, torch.tensor, torch.as_tensor}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
-        to_device = name in ("to", "cuda") and ("device" in kwargs or any(isinstance(a, (torch.device, str))
-                                                                         for a in args[1:]))
-        if (func in self.FACTORIES and kwargs.get("device") is None) or to_device:
-            self.calls.append(name)
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("kw", [{}, {"infonce_warmup": False}, {"predictor": False, "bn_splits": 2},

@@ -21,7 +21,7 @@ import common
 import smog
 from common import latest_checkpoint
 from conftest import TINY, check_backbone, read_metrics, run, run_resumed, two_process_results
-from sync_detector import SyncDetector
+from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--num-groups", "8", "--reset-every", "3"]
 
@@ -736,9 +736,9 @@ def _syncs_per_step(flags, steps=7):
     online, optimizer, state = tiny_setup(cfg, accelerator)
     ops = []
     for step, (x1, x2, labels) in enumerate(tiny_batches(steps)):
-        with SyncDetector() as syncs:
+        with SyncDetector() as syncs, HostTensors() as host:
             smog.train_step(online, state, optimizer, [x1, x2], labels, cfg, SCHED, step, accelerator)
-        ops.append(syncs.ops)
+        ops.append(syncs.ops + [f"host:{c}" for c in host.calls])
     return ops
 
 
