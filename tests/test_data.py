@@ -189,6 +189,13 @@ def test_device_budget_counts_the_native_size_and_the_monitor_splits(monkeypatch
         monkeypatch.setattr(common.data, "DEVICE_BUDGET_BYTES", budget)
         common.train_views(cfg, data, [], accelerator)
         assert picked[-1] == expected, budget
+    # --views-on device asked for explicitly: beyond the budget is fine, beyond the free memory is one error line
+    device = types.SimpleNamespace(**{**vars(cfg), "views_on": "device"})
+    common.train_views(device, data, [], accelerator)
+    assert picked[-1] == "device"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (stored - 1, 2**40))
+    with pytest.raises(common.UserError, match="--views-on device: the decoded data set"):
+        common.train_views(device, data, [], accelerator)
 
 
 @pytest.mark.parametrize("native", [32, 40])
