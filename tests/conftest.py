@@ -235,6 +235,37 @@ def two_process_results(method, tmp_path, *args):
     return one, _two_process_done[key]
 
 
+# every real 2-process training run of the suite (the loop of train(), 1 epoch): the first call runs them all in
+# ONE 2-rank start-up (tests/ddp_runs.py); name -> command line
+TINY_HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
+TWO_PROCESS_RUNS = {
+    "hnpm": ["hnpm.py", *TINY, "--fake-size", "16", *TINY_HEADS, "--epochs", "1", "--student-grad"],
+    "median_triplet": ["median_triplet.py", *TINY, *TINY_HEADS, "--epochs", "1"],
+    "reco": ["reco.py", *TINY, "--proj-dim", "16", "--queue-size", "16", "--bn-splits", "2", "--epochs", "1"],
+    "ressl": ["ressl.py", *TINY, *TINY_HEADS, "--queue-size", "16", "--epochs", "1"],
+    "ressl-shuffle-bn": ["ressl.py", *TINY, *TINY_HEADS, "--queue-size", "16", "--epochs", "1", "--no-predictor",
+                         "--bn-splits", "2"],
+    "smog": ["smog.py", *TINY, *TINY_HEADS, "--num-groups", "8", "--reset-every", "3", "--epochs", "1"],
+}
+_two_process_runs = {}
+
+
+def two_process_run(name, tmp_path_factory):
+    """The output folder of TWO_PROCESS_RUNS[name] run on 2 gloo processes; all of them run in one start-up at the
+    first call. Fails with the rank's traceback when the run failed."""
+    import json
+    if not _two_process_runs:
+        out = tmp_path_factory.mktemp("two-process-runs")
+        p = run(["tests/ddp_runs.py", str(out), json.dumps(TWO_PROCESS_RUNS)], nproc=2, check=False, timeout=900)
+        _two_process_runs.update({n: (out, p) for n in TWO_PROCESS_RUNS})
+    out, p = _two_process_runs[name]
+    for rank in (0, 1):
+        result = out / f"{name}.rank{rank}"
+        assert result.exists() and result.read_text() == "ok", (
+            f"{name}, rank {rank}: {result.read_text() if result.exists() else 'no result'}\n{p.stderr[-3000:]}")
+    return str(out / name)
+
+
 @contextlib.contextmanager
 def grads_before_clipping(accelerator, params):
     """Records {name: grad.clone()} of `params` (name -> parameter) as the step's accelerator.clip_grad_norm_ finds

@@ -49,9 +49,10 @@ def test_two_processes_equal_one_batchnorm_on_the_global_batch(tmp_path):
     ref(xr)
     y = ref(xr)
     (y * w).sum().backward()
-    for got in (one, {"y": torch.cat([r["y"] for r in ranks]), "x_grad": torch.cat([r["x_grad"] for r in ranks]),
-                      "weight_grad": sum(r["weight_grad"] for r in ranks), "bias_grad": sum(r["bias_grad"] for r in ranks),
-                      "running_mean": ranks[0]["running_mean"], "running_var": ranks[1]["running_var"]}):
+    two = {"y": torch.cat([r["y"] for r in ranks]), "x_grad": torch.cat([r["x_grad"] for r in ranks]),
+           "weight_grad": sum(r["weight_grad"] for r in ranks), "bias_grad": sum(r["bias_grad"] for r in ranks),
+           "running_mean": ranks[0]["running_mean"], "running_var": ranks[1]["running_var"]}
+    for got in (one, two):
         torch.testing.assert_close(got["y"], y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got["x_grad"], xr.grad, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got["weight_grad"], ref.weight.grad, atol=1e-3, rtol=1e-4)

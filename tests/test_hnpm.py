@@ -17,7 +17,7 @@ import torch.nn as nn
 import common
 import hnpm
 from conftest import (TINY, check_backbone, cli_error, grads_before_clipping, read_metrics, run, run_resumed,
-                      two_process_results)
+                      two_process_results, two_process_run)
 from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
@@ -565,10 +565,9 @@ def test_two_processes_equal_one(flags, two_process):
         assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in ranks[0][part]), part
 
 
-def test_two_process_training_run(tmp_path):
-    """The real loop under torchrun with 2 CPU processes (and --student-grad): runs, logs, checkpoints."""
-    out = str(tmp_path / "ddp")
-    run(["hnpm.py", *SMALL, *HEADS, "--epochs", "1", "--output-dir", out, "--student-grad"], nproc=2)
+def test_two_process_training_run(tmp_path_factory):
+    """The real loop on 2 CPU processes (and --student-grad; conftest.TWO_PROCESS_RUNS): runs, logs, checkpoints."""
+    out = two_process_run("hnpm", tmp_path_factory)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))

@@ -18,7 +18,8 @@ from torchvision.transforms import v2 as T
 import common
 import median_triplet as mt
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
+from conftest import (TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results,
+                      two_process_run)
 from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
@@ -615,10 +616,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the EMA target
 
 
-def test_two_process_training_run(tmp_path):
-    """The real loop under torchrun: runs, logs, checkpoints."""
-    out = str(tmp_path / "ddp")
-    run(["median_triplet.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+def test_two_process_training_run(tmp_path_factory):
+    """The real loop on 2 CPU processes (conftest.TWO_PROCESS_RUNS): runs, logs, checkpoints."""
+    out = two_process_run("median_triplet", tmp_path_factory)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     metrics = read_metrics(out)

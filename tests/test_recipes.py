@@ -73,8 +73,8 @@ def test_paper_recipe_trains_a_resnet50_on_imagenet_layout_and_resumes(script, i
     multi = ["--multi-crop"] if "multi_crop" in {f.name for f in dataclasses.fields(m.Config)} else []
     out = str(tmp_path / "run")
     args = [f"{script}.py", "--dataset", "imagenet", "--data-dir", imagenet_tree, "--arch", "resnet50", "--batch-size",
-            "4", "--epochs", "2", "--warmup-epochs", "1", "--accumulate", "1", "--eval-every", "0", "--log-every", "1", "--num-workers",
-            "0", *multi, *SMOKE[script], "--output-dir", out]
+            "4", "--epochs", "2", "--warmup-epochs", "1", "--accumulate", "1", "--eval-every", "0", "--log-every", "1",
+            "--num-workers", "0", *multi, *SMOKE[script], "--output-dir", out]
     run([*args, "--stop-after-epochs", "1"])
     assert not os.path.exists(os.path.join(out, "backbone.pt"))
     assert "resumed from" in run([*args, "--resume"]).stdout

@@ -19,7 +19,8 @@ from accelerate import Accelerator
 
 import reco
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
+from conftest import (TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results,
+                      two_process_run)
 from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-dim", "16", "--queue-size", "16", "--bn-splits", "2"]
@@ -800,10 +801,10 @@ def test_two_processes_equal_one(tmp_path, args):
 
 
 
-def test_two_process_training_run(tmp_path):
-    """The real loop under torchrun: runs, logs, checkpoints (bn-splits 2 = one shuffle-BN group per process)."""
-    out = str(tmp_path / "ddp")
-    run(["reco.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+def test_two_process_training_run(tmp_path_factory):
+    """The real loop on 2 CPU processes (conftest.TWO_PROCESS_RUNS): runs, logs, checkpoints (bn-splits 2 = one
+    shuffle-BN group per process)."""
+    out = two_process_run("reco", tmp_path_factory)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))

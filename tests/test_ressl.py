@@ -19,7 +19,8 @@ from accelerate.utils import set_seed
 import common
 import ressl
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results
+from conftest import (TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results,
+                      two_process_run)
 from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
@@ -340,11 +341,11 @@ def test_two_processes_equal_one(case, tmp_path):
         assert torch.equal(one["queue_labels"], r["queue_labels"]) and one["ptr"].item() == r["ptr"].item() == 4
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-predictor", "--bn-splits", "2"]], ids=["default", "shuffle_bn"])
-def test_two_process_training_run(flags, tmp_path):
-    """The real loop under torchrun: runs, logs, checkpoints, and both ranks agree on the queue it saves."""
-    out = str(tmp_path / "ddp")
-    run(["ressl.py", *TINY, *HEADS, "--epochs", "1", *flags, "--output-dir", out], nproc=2)
+@pytest.mark.parametrize("name", ["ressl", "ressl-shuffle-bn"])
+def test_two_process_training_run(name, tmp_path_factory):
+    """The real loop on 2 CPU processes (conftest.TWO_PROCESS_RUNS; global BN, and shuffle BN without the
+    predictor): runs, logs, checkpoints."""
+    out = two_process_run(name, tmp_path_factory)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))

@@ -20,7 +20,7 @@ from torchvision.transforms import v2 as T
 import common
 import smog
 from common import latest_checkpoint
-from conftest import TINY, check_backbone, read_metrics, run, run_resumed, two_process_results
+from conftest import TINY, check_backbone, read_metrics, run, run_resumed, two_process_results, two_process_run
 from sync_detector import HostTensors, SyncDetector
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--num-groups", "8", "--reset-every", "3"]
@@ -891,10 +891,10 @@ def test_two_processes_equal_one_and_stay_bit_identical(tmp_path, case):
         assert any(k.startswith("projector") and v.abs().sum() > 0 for k, v in one[rule]["steps"][0]["grads"].items())
 
 
-def test_two_process_training_run(tmp_path):
-    """The real loop under torchrun, k-means resets included: runs, logs, checkpoints."""
-    out = str(tmp_path / "ddp")
-    run(["smog.py", *TINY, *HEADS, "--epochs", "1", "--output-dir", out], nproc=2)
+def test_two_process_training_run(tmp_path_factory):
+    """The real loop on 2 CPU processes (conftest.TWO_PROCESS_RUNS), k-means resets included: runs, logs,
+    checkpoints."""
+    out = two_process_run("smog", tmp_path_factory)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["provenance"]["num_processes"] == 2  # really distributed, 4 images per process
     assert any("knn_top1" in m for m in read_metrics(out)) and os.path.exists(os.path.join(out, "backbone.pt"))
