@@ -214,7 +214,7 @@ def bench_imagenet_decode(args, source):
     return [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
@@ -231,7 +231,7 @@ def main():
     p.add_argument("--decode-images", type=int, default=100, help="JPEGs of --imagenet-decode")
     p.add_argument("--decode-repeat", type=int, default=2, help="timed passes over them")
     p.add_argument("--decode-noise", type=float, default=0.0, help="pixel noise std (0-255) added to the JPEGs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.imagenet_decode:
         for row in bench_imagenet_decode(args, args.data_zip if os.path.exists(args.data_zip) else ""):
             print(json.dumps(row), flush=True)

@@ -161,8 +161,17 @@ def test_two_process_checkpoint_loads_exactly(tmp_path):
 def test_two_nodes_equal_one_process(tmp_path):
     """Two torchrun launches (one process each, --nnodes 2) with a rendezvous on 127.0.0.1 give the 1-process step of
     tests/ddp_step.py (ressl's ddp_case): the same loss and gradients, identical on both nodes."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(["tests/ddp_step.py", "ressl", str(one)])
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from ddp_step import run_case
+    two = tmp_path / "two"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        a = run_case(Accelerator(cpu=True), "ressl")  # the 1-process side, in this process
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT}
     port = str(29700 + os.getpid() % 200)
@@ -173,7 +182,7 @@ def test_two_nodes_equal_one_process(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    a, r0, r1 = (torch.load(p, weights_only=False) for p in (one / "rank0.pt", two / "rank0.pt", two / "rank1.pt"))
+    r0, r1 = (torch.load(p, weights_only=False) for p in (two / "rank0.pt", two / "rank1.pt"))
     assert torch.allclose(a["loss"], r0["loss"], atol=1e-6) and torch.equal(r0["loss"], r1["loss"])
     assert a["grads"].keys() == r0["grads"].keys() and a["grads"]
     for k in a["grads"]:
