@@ -54,8 +54,9 @@ def global_batchnorm(module):
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats)
-        bn.load_state_dict(module.state_dict())
-        return bn.to(next(iter(module.state_dict().values())).device) if module.state_dict() else bn
+        state = module.state_dict()
+        bn.load_state_dict(state)
+        return bn.to(next(iter(state.values())).device) if state else bn
     for name, child in module.named_children():
         setattr(module, name, global_batchnorm(child))
     return module

@@ -207,8 +207,8 @@ def resolve_recipe(cfg, paper, explicit=None):
     if not hasattr(cfg, "recipe"):  # a Config without recipes (e.g. a user's own dataclass)
         return cfg
     recipe = cfg.recipe if cfg.recipe != "auto" else auto_recipe(cfg)
-    defaults = type(cfg)()
     if explicit is None:
+        defaults = type(cfg)()
         explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     values = dict(paper or {}) if recipe == "paper" else {}
     unknown = set(values) - {f.name for f in dataclasses.fields(cfg)}

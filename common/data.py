@@ -249,11 +249,12 @@ def train_views(cfg, data, specs, accelerator):
     if mode != "workers":
         cuda = accelerator.device.type == "cuda"
         budget = DEVICE_BUDGET_BYTES if mode == "auto" else float("inf")  # explicit: the free memory is the limit
-        fits = _fits(device_bytes(data), accelerator.device, budget) if cuda else mode == "device"
+        need = device_bytes(data) if cuda else 0
+        fits = _fits(need, accelerator.device, budget) if cuda else mode == "device"
         if accelerator.num_processes > 1:  # one decision for all: the device with the least free memory decides
             fits = accelerator.reduce(torch.tensor(float(not fits), device=accelerator.device), "sum").item() == 0
         if mode == "device" and not fits:
-            raise UserError(f"--views-on device: the decoded data set ({device_bytes(data) / 2**30:.1f} GiB) does not "
+            raise UserError(f"--views-on device: the decoded data set ({need / 2**30:.1f} GiB) does not "
                             f"fit the free memory of every process's device; use --views-on workers (or auto).")
         mode = "device" if fits else "workers"
     if mode == "device":

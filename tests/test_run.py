@@ -249,6 +249,8 @@ GENERIC_BAD = [
     (["--knn-t", "0"], "--knn-t must be positive"),
     (["--knn-k", "0"], "--knn-k must be at least 1"),
     (["--fake-size", "0"], "--fake-size must be at least 1"),
+    (["--accumulate", "0"], "--accumulate must be at least 1"),
+    (["--accumulate", "3", "--batch-size", "16"], "--accumulate 3 exceeds the 2 batches of an epoch"),
 ]
 
 
