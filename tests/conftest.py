@@ -23,15 +23,16 @@ TINY = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--num-wo
 
 
 # scripts whose command line `run` executes inside the test process: a new Python process costs ~5 s of imports
-IN_PROCESS = {"median_triplet.py", "smog.py", "ressl.py", "hnpm.py", "reco.py", "eval_linear.py", "bench.py"}
+IN_PROCESS = {"median_triplet.py", "smog.py", "ressl.py", "hnpm.py", "reco.py", "eval_linear.py", "bench.py",
+              "gpu_check.py"}
 
 
 def run(args, nproc=1, check=True, timeout=600):
     """Run `python <args>` (or torchrun with nproc CPU processes) in the repository root; returns CompletedProcess.
 
-    A single-process run of a method script, eval_linear.py or bench.py executes its command line in this process, as
-    `python <script>` would (its exit code, stdout and stderr; a fresh Accelerate state), without the start-up cost;
-    TESTS_SUBPROCESS=1 runs every command in a new process instead."""
+    A single-process run of a method script, eval_linear.py, bench.py or gpu_check.py executes its command line in
+    this process, as `python <script>` would (its exit code, stdout and stderr; a fresh Accelerate state), without the
+    start-up cost; TESTS_SUBPROCESS=1 runs every command in a new process instead."""
     if nproc == 1 and args[0] in IN_PROCESS and not os.environ.get("TESTS_SUBPROCESS"):
         p = _run_in_process(args)
     else:
@@ -116,8 +117,8 @@ def _run_in_process(args):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("always")  # a warning shows in every run, as in a new process
             try:
-                if args[0] in ("eval_linear.py", "bench.py"):
-                    module.main(list(args[1:]))
+                if args[0] in ("eval_linear.py", "bench.py", "gpu_check.py"):
+                    code = module.main(list(args[1:])) or 0  # gpu_check returns its exit code
                 else:
                     common.run_main(module.train, module.Config, list(args[1:]), getattr(module, "PAPER", None))
             except SystemExit as e:
