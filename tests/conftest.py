@@ -27,13 +27,14 @@ IN_PROCESS = {"median_triplet.py", "smog.py", "ressl.py", "hnpm.py", "reco.py", 
               "gpu_check.py"}
 
 
-def run(args, nproc=1, check=True, timeout=600):
+def run(args, nproc=1, check=True, timeout=600, patched=False):
     """Run `python <args>` (or torchrun with nproc CPU processes) in the repository root; returns CompletedProcess.
 
     A single-process run of a method script, eval_linear.py, bench.py or gpu_check.py executes its command line in
     this process, as `python <script>` would (its exit code, stdout and stderr; a fresh Accelerate state), without the
-    start-up cost; TESTS_SUBPROCESS=1 runs every command in a new process instead."""
-    if nproc == 1 and args[0] in IN_PROCESS and not os.environ.get("TESTS_SUBPROCESS"):
+    start-up cost; TESTS_SUBPROCESS=1 runs every command in a new process instead, except a `patched` run (the test
+    replaced a function, which only this process sees)."""
+    if nproc == 1 and args[0] in IN_PROCESS and (patched or not os.environ.get("TESTS_SUBPROCESS")):
         p = _run_in_process(args)
     else:
         # ACCELERATE_USE_CPU: without it Accelerate does not start gloo under torchrun on CPU (each rank runs alone)

@@ -54,7 +54,7 @@ def test_save_interrupted_part_way_resumes_from_the_previous_checkpoint(straight
     with monkeypatch.context() as m:
         m.setattr(accelerate.Accelerator, "save_state", save_state)
         with pytest.raises(Died):
-            run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out])
+            run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], patched=True)
     assert common.latest_checkpoint(out).endswith("checkpoint-4")  # the half-written one is not taken
     assert any(d.startswith(".tmp-checkpoint-8") for d in os.listdir(out))
     p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out, "--resume"])
@@ -75,7 +75,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_ends_where_uninterrupted_ends(
         return orig(*a, **k)
     with monkeypatch.context() as m:
         m.setattr(ressl, "train_step", train_step)
-        p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out])
+        p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], patched=True)
     assert "--resume" in p.stdout and "SIGTERM" in p.stderr
     ckpt = common.latest_checkpoint(out)
     with open(os.path.join(ckpt, "progress.json")) as f:
@@ -97,7 +97,7 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_the_checkpoint(tmp_
         v = orig(*a, **k)
         return v * float("nan") if len(calls) == 6 else v
     monkeypatch.setattr(ressl, "relation_loss", relation_loss)
-    p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], check=False)
+    p = run([*RESSL, "--epochs", "3", "--checkpoint-every", "1", "--output-dir", out], check=False, patched=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("error: non-finite loss at step 6 (epoch 2)") and "relation nan" in line, line
@@ -327,13 +327,15 @@ def test_resume_under_another_precision_is_one_error_line_and_fp16_state_round_t
     run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--mixed-precision", "bf16", "--output-dir", bf16])
     fp16_scaler(monkeypatch, 2.0**10)
     # bf16 -> fp16: Accelerate would look for a scaler.pt that a bf16 run never wrote
-    p = run([*RESSL, "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", bf16, "--resume"], check=False)
+    p = run([*RESSL, "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", bf16, "--resume"], check=False,
+            patched=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "written under --mixed-precision bf16" in errors[0], p.stderr[-2000:]
     assert "Resume with --mixed-precision bf16" in errors[0]
     # an fp16 run writes its scaler and resumes under fp16 with it; under bf16 it is refused the same way
-    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--mixed-precision", "fp16", "--output-dir", fp16])
+    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--mixed-precision", "fp16", "--output-dir", fp16],
+        patched=True)
     ckpt = common.latest_checkpoint(fp16)
     saved = torch.load(os.path.join(ckpt, "scaler.pt"))
     assert saved["scale"] == 2.0**10
@@ -348,7 +350,7 @@ def test_resume_under_another_precision_is_one_error_line_and_fp16_state_round_t
         load(self, *a, **k)
         scales.append(self.scaler.get_scale())
     monkeypatch.setattr(accelerate.Accelerator, "load_state", load_state)
-    p = run([*RESSL, "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", fp16, "--resume"])
+    p = run([*RESSL, "--epochs", "2", "--mixed-precision", "fp16", "--output-dir", fp16, "--resume"], patched=True)
     assert "resumed from" in p.stdout and scales == [2.0**10]
 
 
