@@ -203,43 +203,18 @@ def cifar_subset(tmp_path_factory):
     return str(root)
 
 
-# every two-process case of the suite: the first call runs all that are selected in ONE torchrun start-up
+# ---------------------------------------------------------------------- the suite's 2-process jobs, ONE start-up
+# Each 2-process start-up costs two Python processes' imports (~10 s on 2 cores): the first test that needs a
+# 2-process result runs every job below in one 2-rank start-up (tests/ddp_runs.py), later ones read its outputs.
+
+# ddp_case of tests/test_<method>.py: a step of the script on a fixed global batch (two_process_results)
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
                      ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
                      ("smog",), ("smog", "multicrop"), ("reco", "--multi-crop"),
                      ("ressl", "multi"), ("batchnorm",)]
-_two_process_done = {}
-
-
-def two_process_results(method, tmp_path, *args):
-    """ddp_case of tests/test_<method>.py on 1 process (in this process, a fresh Accelerator) and on 2 gloo processes
-    (tests/ddp_step.py under torchrun) on the same global batch -> (result of the single process, [result of rank 0,
-    result of rank 1]). The 2-process runs of all TWO_PROCESS_CASES share one start-up; a case not listed there
-    runs alone."""
-    import json
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from ddp_step import run_case
-    key = (method, *args)
-    if key not in _two_process_done:
-        batch = [c for c in TWO_PROCESS_CASES if c not in _two_process_done] if key in TWO_PROCESS_CASES else [key]
-        out = tmp_path / "two-processes"
-        run(["tests/ddp_step.py", "--cases", str(out), json.dumps(batch)], nproc=2)
-        for i, case in enumerate(batch):
-            _two_process_done[case] = [torch.load(out / str(i) / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        one = run_case(Accelerator(cpu=True), method, *args)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    return one, _two_process_done[key]
-
-
-# every real 2-process training run of the suite (the loop of train(), 1 epoch): the first call runs them all in
-# ONE 2-rank start-up (tests/ddp_runs.py); name -> command line
+# real script runs, the loop of train() (two_process_run): name -> command line; runs that end in an error last
 TINY_HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
+RESSL_RUN = ["ressl.py", *TINY, *TINY_HEADS, "--queue-size", "16", "--eval-every", "0"]
 TWO_PROCESS_RUNS = {
     "hnpm": ["hnpm.py", *TINY, "--fake-size", "16", *TINY_HEADS, "--epochs", "1", "--student-grad"],
     "median_triplet": ["median_triplet.py", *TINY, *TINY_HEADS, "--epochs", "1"],
@@ -248,24 +223,77 @@ TWO_PROCESS_RUNS = {
     "ressl-shuffle-bn": ["ressl.py", *TINY, *TINY_HEADS, "--queue-size", "16", "--epochs", "1", "--no-predictor",
                          "--bn-splits", "2"],
     "smog": ["smog.py", *TINY, *TINY_HEADS, "--num-groups", "8", "--reset-every", "3", "--epochs", "1"],
+    # test_run: a checkpoint written by 2 processes; one written by 1 process (BEFORE) resumed on 2
+    "ressl-first-epoch": [*RESSL_RUN, "--epochs", "2", "--stop-after-epochs", "1"],
+    "ressl-resumed-on-two": [*RESSL_RUN, "--epochs", "2", "--resume"],
+    # test_run: errors, on both processes
+    "ressl-batch-7": [*RESSL_RUN, "--epochs", "1", "--batch-size", "7"],
+    "ressl-nan-on-rank-1": [*RESSL_RUN, "--epochs", "3", "--checkpoint-every", "1", "--log-every", "4"],
 }
-_two_process_runs = {}
+TWO_PROCESS_BEFORE = {"ressl-resumed-on-two": [*RESSL_RUN, "--epochs", "2", "--stop-after-epochs", "1"]}  # 1 process
+TWO_PROCESS_PATCHES = {"ressl-nan-on-rank-1": "test_run:nan_on_rank_1"}  # in force during the run, on each rank
+_two_processes = {}
+
+
+def _two_process_jobs(base):
+    """Runs all TWO_PROCESS_CASES and TWO_PROCESS_RUNS at the first call -> (output folder, CompletedProcess)."""
+    if not _two_processes:
+        out = base / "two-processes"
+        for name, args in TWO_PROCESS_BEFORE.items():
+            run([*args, "--output-dir", str(out / name)])
+        spec = {"steps": TWO_PROCESS_CASES, "runs": TWO_PROCESS_RUNS, "patches": TWO_PROCESS_PATCHES}
+        _two_processes["all"] = out, run(["tests/ddp_runs.py", str(out), json.dumps(spec)], nproc=2, check=False,
+                                         timeout=900)
+    return _two_processes["all"]
+
+
+def two_process_results(method, tmp_path, *args):
+    """ddp_case of tests/test_<method>.py on 1 process (in this process, a fresh Accelerator) and on 2 gloo processes
+    on the same global batch -> (result of the single process, [result of rank 0, result of rank 1]). A case not in
+    TWO_PROCESS_CASES runs in a start-up of its own."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from ddp_step import run_case
+    key = (method, *args)
+    if key in TWO_PROCESS_CASES:
+        out, p = _two_process_jobs(tmp_path.parent)
+        folder = out / "steps" / str(TWO_PROCESS_CASES.index(key))
+    else:
+        folder = tmp_path / "two-processes"
+        p = run(["tests/ddp_runs.py", str(folder), json.dumps({"steps": [key]})], nproc=2, check=False)
+        folder = folder / "steps" / "0"
+    assert all((folder / f"rank{r}.pt").exists() for r in (0, 1)), f"{key}: no result\n{p.stderr[-5000:]}"
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        one = run_case(Accelerator(cpu=True), method, *args)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return one, ranks
+
+
+def two_process_outcome(name, tmp_path_factory):
+    """TWO_PROCESS_RUNS[name] on 2 gloo processes -> (output folder, [{"ok", "error", "seconds", "stdout", "stderr"}
+    of rank 0, of rank 1])."""
+    out, p = _two_process_jobs(tmp_path_factory.getbasetemp())
+
+    def read(rank, ext):
+        return (out / f"{name}.rank{rank}.{ext}").read_text()
+    ranks = []
+    for rank in (0, 1):
+        assert (out / f"{name}.rank{rank}.json").exists(), f"{name}, rank {rank}: no result\n{p.stderr[-3000:]}"
+        ranks.append({**json.loads(read(rank, "json")), "stdout": read(rank, "out"), "stderr": read(rank, "err")})
+    return str(out / name), ranks
 
 
 def two_process_run(name, tmp_path_factory):
-    """The output folder of TWO_PROCESS_RUNS[name] run on 2 gloo processes; all of them run in one start-up at the
-    first call. Fails with the rank's traceback when the run failed."""
-    import json
-    if not _two_process_runs:
-        out = tmp_path_factory.mktemp("two-process-runs")
-        p = run(["tests/ddp_runs.py", str(out), json.dumps(TWO_PROCESS_RUNS)], nproc=2, check=False, timeout=900)
-        _two_process_runs.update({n: (out, p) for n in TWO_PROCESS_RUNS})
-    out, p = _two_process_runs[name]
-    for rank in (0, 1):
-        result = out / f"{name}.rank{rank}"
-        assert result.exists() and result.read_text() == "ok", (
-            f"{name}, rank {rank}: {result.read_text() if result.exists() else 'no result'}\n{p.stderr[-3000:]}")
-    return str(out / name)
+    """The output folder of TWO_PROCESS_RUNS[name], which must have succeeded on both processes."""
+    out, ranks = two_process_outcome(name, tmp_path_factory)
+    for rank, r in enumerate(ranks):
+        assert r["ok"], f"{name}, rank {rank}: {r['error']}\n{r['stderr'][-3000:]}"
+    return out
 
 
 @contextlib.contextmanager

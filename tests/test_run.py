@@ -1,20 +1,21 @@
 """The run plumbing every script shares (common.Run), exercised through ressl.py, the cheapest script: crash-safe
 checkpoints, preemption by signal, the non-finite-loss stop, resuming with changed settings, checkpoints that move
 between process counts, a simulated 2-node run, trackers and provenance; bad flags as a table over all scripts."""
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import accelerate
 import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, cli_error, read_metrics, run
+from conftest import ROOT, TINY, cli_error, read_metrics, run, two_process_outcome, two_process_run
 
 HEADS = ["--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "16"]
 RESSL = ["ressl.py", *TINY, *HEADS, "--eval-every", "0"]
@@ -115,26 +116,27 @@ def test_resume_with_changed_settings_names_the_fields(tmp_path):
     assert "resumed from" in p.stdout
 
 
-def test_checkpoint_moves_between_process_counts(tmp_path):
+def test_checkpoint_moves_between_process_counts(tmp_path, tmp_path_factory):
     """The state is process-independent: weights are saved without DDP's `module.` prefix, so a 2-process checkpoint
     resumes on 1 process and a 1-process one on 2; each resumed run finishes every step once. (On CPU each process
     normalises with its own BN statistics, so 1- and 2-process trajectories differ by design: what moves must be
     the state, checked in test_two_process_checkpoint_loads_exactly.)"""
-    for first, second, name in ((2, 1, "two_then_one"), (1, 2, "one_then_two")):
-        out = str(tmp_path / name)
-        run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--output-dir", out], nproc=first)
-        p = run([*RESSL, "--epochs", "2", "--output-dir", out, "--resume"], nproc=second)
-        assert "resumed from" in p.stdout
+    out = str(tmp_path / "two_then_one")
+    shutil.copytree(two_process_run("ressl-first-epoch", tmp_path_factory), out)  # epoch 1 of 2 on 2 processes
+    p = run([*RESSL, "--epochs", "2", "--output-dir", out, "--resume"])
+    one_then_two = two_process_run("ressl-resumed-on-two", tmp_path_factory)  # conftest: epoch 1 ran on 1 process
+    _, ranks = two_process_outcome("ressl-resumed-on-two", tmp_path_factory)
+    for out, stdout in ((out, p.stdout), (one_then_two, ranks[0]["stdout"])):
+        assert "resumed from" in stdout
         assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 9))
         assert os.path.exists(os.path.join(out, "backbone.pt"))
 
 
-def test_two_process_checkpoint_loads_exactly(tmp_path):
+def test_two_process_checkpoint_loads_exactly(tmp_path_factory):
     from accelerate import Accelerator
     from safetensors.torch import load_file
     import ressl
-    out = str(tmp_path / "run")
-    run([*RESSL, "--epochs", "2", "--stop-after-epochs", "1", "--output-dir", out], nproc=2)
+    out = two_process_run("ressl-first-epoch", tmp_path_factory)
     ckpt = common.latest_checkpoint(out)
     saved = load_file(os.path.join(ckpt, "model.safetensors"))
     assert not any(k.startswith("module.") for k in saved)
@@ -264,11 +266,12 @@ def test_bad_flag_on_the_real_command_line(script):
     assert p.stderr.strip().splitlines()[-1] == "error: --lr must be positive, got -1.0."
 
 
-def test_batch_size_must_divide_over_processes():
-    p = run([*RESSL, "--epochs", "1", "--batch-size", "7", "--queue-size", "16"], nproc=2, check=False)
-    # the ranks exit with 2 (under torchrun, the launcher exits with 1)
-    assert p.returncode != 0 and "error: --batch-size 7 must divide evenly over 2 processes" in p.stderr
-    assert "Traceback" not in p.stderr.split("error: --batch-size")[0]
+def test_batch_size_must_divide_over_processes(tmp_path_factory):
+    _, ranks = two_process_outcome("ressl-batch-7", tmp_path_factory)  # --batch-size 7 on 2 processes
+    for r in ranks:
+        assert not r["ok"] and "SystemExit: 2" in r["error"], r["error"]
+        assert r["stderr"].strip().splitlines()[-1] == "error: --batch-size 7 must divide evenly over 2 processes."
+        assert "Traceback" not in r["stderr"]
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
@@ -398,26 +401,34 @@ def test_process_group_timeout_is_at_most_30_minutes():
     assert accelerator.init_handler.timeout <= datetime.timedelta(minutes=30)
 
 
-def test_non_finite_loss_on_one_process_stops_both_with_the_error_line(tmp_path):
-    """Only rank 1 sees a NaN loss term (at step 6, between the logging steps 4 and 8; only its logged value, so that
-    no NaN gradient reaches rank 0 through the all-reduce): both processes must learn it at the same collective and
-    exit with the error, not leave one waiting for the other until the process-group timeout."""
-    out = str(tmp_path / "run")
-    nan = ("orig = ressl.train_step\ncalls = []\n"
-           "def train_step(*a, **k):\n    logs = orig(*a, **k)\n    calls.append(1)\n"
-           "    if len(calls) == 6 and os.environ['RANK'] == '1': logs['relation'] = logs['relation'] * float('nan')\n"
-           "    return logs\nressl.train_step = train_step")
-    script = tmp_path / "nan_on_rank1.py"
-    script.write_text(PATCHED.format(root=ROOT, patch=nan))
-    tic = time.time()
-    p = run([str(script), *RESSL[1:], "--epochs", "3", "--checkpoint-every", "1", "--log-every", "4",
-             "--output-dir", out], nproc=2, check=False, timeout=150)
-    assert p.returncode != 0 and time.time() - tic < 150
-    # the two processes share stderr: a line may begin with the other's progress bar
-    errors = ["error: non-finite loss" + e.split("\n")[0] for e in p.stderr.split("error: non-finite loss")[1:]]
-    assert len(errors) == 2, p.stderr[-3000:]
-    assert any(e.startswith("error: non-finite loss at step 6 (epoch 2)") for e in errors), errors
-    assert any("on another process" in e for e in errors), errors
+@contextlib.contextmanager
+def nan_on_rank_1(ressl):
+    """conftest.TWO_PROCESS_PATCHES: rank 1's logged relation term of step 6 becomes NaN (only its logged value, so
+    that no NaN gradient reaches rank 0 through the all-reduce)."""
+    orig, calls = ressl.train_step, []
+
+    def train_step(*a, **k):
+        logs = orig(*a, **k)
+        calls.append(1)
+        if len(calls) == 6 and os.environ["RANK"] == "1":
+            logs["relation"] = logs["relation"] * float("nan")
+        return logs
+    ressl.train_step = train_step
+    try:
+        yield
+    finally:
+        ressl.train_step = orig
+
+
+def test_non_finite_loss_on_one_process_stops_both_with_the_error_line(tmp_path_factory):
+    """Only rank 1 sees a NaN loss term (at step 6, between the logging steps 4 and 8): both processes must learn it
+    at the same collective and exit with the error, not leave one waiting for the other until the process-group
+    timeout."""
+    out, ranks = two_process_outcome("ressl-nan-on-rank-1", tmp_path_factory)
+    errors = [r["stderr"].strip().splitlines()[-1] for r in ranks]
+    assert all(not r["ok"] and "SystemExit: 2" in r["error"] and r["seconds"] < 60 for r in ranks), ranks
+    assert errors[1].startswith("error: non-finite loss at step 6 (epoch 2)"), errors
+    assert errors[0].startswith("error: non-finite loss") and "on another process" in errors[0], errors
     assert common.latest_checkpoint(out).endswith("checkpoint-4")
 
 
