@@ -119,7 +119,8 @@ def _run_in_process(args):
             warnings.simplefilter("always")  # a warning shows in every run, as in a new process
             try:
                 if args[0] in ("eval_linear.py", "bench.py", "gpu_check.py"):
-                    code = module.main(list(args[1:])) or 0  # gpu_check returns its exit code
+                    rc = module.main(list(args[1:]))
+                    code = rc if isinstance(rc, int) else 0  # gpu_check returns its exit code
                 else:
                     common.run_main(module.train, module.Config, list(args[1:]), getattr(module, "PAPER", None))
             except SystemExit as e:
