@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torchvision
 from accelerate.utils import set_seed
@@ -218,7 +216,7 @@ def mined_pairs(mask, labels):
     return torch.stack([(mask & same).sum(), mask.sum()])
 
 
-# ----------------------------------------------------------------------------- Momentum, schedules, gather
+# ----------------------------------------------------------------------------- Momentum, schedules
 
 @torch.no_grad()
 def ema_update(student, teacher, tau):
@@ -228,14 +226,6 @@ def ema_update(student, teacher, tau):
     params = list(student.parameters())
     torch._foreach_lerp_(params, [p.detach() for p in teacher.parameters()], 1 - tau)  # one fused op
     torch._foreach_copy_(list(student.buffers()), list(teacher.buffers()))
-
-
-def gather_with_grad(x):
-    """All-gather (B, D) -> (N, D) keeping the autograd graph (accelerator.gather has none): the backward sums each
-    row's gradient over processes (x world size), which DDP's gradient averaging divides out again."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()))
 
 
 def average_student_grads(student, accelerator):
@@ -277,8 +267,8 @@ def forward_loss(teacher, student, views, labels, cfg, accelerator):
     with torch.set_grad_enabled(cfg.student_grad), accelerator.autocast():
         u_s = student(x_s)  # (b, D)
     # Interpretation 4: mine over the global batch; the teacher rows used as negatives carry gradient
-    u_t = gather_with_grad(u_t)  # (B, D)
-    u_s = gather_with_grad(u_s) if cfg.student_grad else accelerator.gather(u_s.detach())
+    u_t = common.gather_with_grad(u_t)  # (B, D)
+    u_s = common.gather_with_grad(u_s) if cfg.student_grad else accelerator.gather(u_s.detach())
     terms = hnpm_terms(u_t, u_s, cfg.threshold, mining=cfg.mining, student_grad=cfg.student_grad)
     loss = cfg.alpha1 * terms["l1"] + cfg.alpha2 * terms["l2"]  # Eq. (7), as hnpm_loss
     with torch.no_grad():

@@ -45,7 +45,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from accelerate.utils import set_seed
-from einops import rearrange
 
 import common
 from common import ViewSpec
@@ -135,36 +134,6 @@ class OnlineEncoder(nn.Module):
 
     def forward(self, *views):
         return tuple(self.head(self.backbone(x)) for x in views)
-
-
-class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm (1d or 2d) whose train-mode statistics come from `num_splits` contiguous chunks of the batch (shuffle
-    BN, Deviation 1); eval mode uses the running statistics, which the EMA update copies from the online encoder."""
-
-    num_splits = 1
-
-    def forward(self, x):
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        g = self.num_splits
-        # the chunks side by side as channels: one batch_norm call normalises each chunk with its own statistics
-        y = F.batch_norm(rearrange(x, "(g n) c ... -> n (g c) ...", g=g), None, None,
-                         self.weight.repeat(g), self.bias.repeat(g), True, 0.0, self.eps)
-        return rearrange(y, "n (g c) ... -> (g n) c ...", g=g)
-
-
-def to_split_bn(module, num_splits):
-    """Replace every BatchNorm (plain or Sync) of `module` in place by a SplitBatchNorm with the same state."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = SplitBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats).to(child.weight.device)
-            bn.load_state_dict(child.state_dict())
-            bn.num_splits = num_splits
-            setattr(module, name, bn)  # same position in _modules: parameter order unchanged for the EMA
-        else:
-            to_split_bn(child, num_splits)
-    return module
 
 
 # ----------------------------------------------------------------------------- Loss
@@ -275,7 +244,7 @@ class MomentumState(nn.Module):
     def __init__(self, online, queue_size, dim, splits_per_process, weak_bank=False):
         super().__init__()
         encoder = copy.deepcopy(nn.Sequential(online.backbone, online.head))
-        self.momentum_encoder = to_split_bn(encoder, splits_per_process).requires_grad_(False)
+        self.momentum_encoder = common.to_split_bn(encoder, splits_per_process).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # random unit keys (MoCo)
         if weak_bank:
             self.register_buffer("queue_weak", F.normalize(torch.randn(queue_size, dim), dim=1))
@@ -318,15 +287,6 @@ def step_randomness(seed, step, global_batch, alpha, device):
     return host, shuffle_k, shuffle_w, partner, host.betavariate(alpha, alpha)
 
 
-@torch.no_grad()
-def shuffle_bn(encoder, x_all, shuffle, accelerator):
-    """Shuffle BN (Deviation 1): the global batch x_all (N, ...) in the order `shuffle` (a permutation of N, the same
-    on every process); this process encodes its 1/world share in its BN groups; the outputs of all processes are
-    gathered and put back in order -> (N, D). The result does not depend on the number of processes."""
-    share = rearrange(shuffle, "(w n) -> w n", w=accelerator.num_processes)[accelerator.process_index]
-    return accelerator.gather(encoder(x_all[share]).contiguous())[torch.argsort(shuffle)]
-
-
 # ----------------------------------------------------------------------------- Training
 
 def check_config(cfg, num_processes):
@@ -360,11 +320,13 @@ def forward_loss(online, state, views, cfg, step, accelerator):
                                                             cfg.mix_alpha, x_q.device)
     x_k_all = accelerator.gather(x_k.contiguous())  # (N, C, H, W): for shuffle BN and as CutMix partners
     with torch.no_grad(), accelerator.autocast():
-        k_all = F.normalize(shuffle_bn(state.momentum_encoder, x_k_all, shuffle_k, accelerator).float(), dim=1)  # v^
+        k_all = F.normalize(common.shuffle_bn(state.momentum_encoder, x_k_all, shuffle_k, accelerator).float(),
+                            dim=1)  # v^ (N, D)
         k_weak_all = None
         if cfg.lambda_global > 0:
-            k_weak_all = F.normalize(shuffle_bn(state.momentum_encoder, accelerator.gather(x_w.contiguous()),
-                                                shuffle_w, accelerator).float(), dim=1)  # v- (N, D)
+            x_w_all = accelerator.gather(x_w.contiguous())
+            k_weak_all = F.normalize(common.shuffle_bn(state.momentum_encoder, x_w_all, shuffle_w, accelerator).float(),
+                                     dim=1)  # v- (N, D)
     inputs, r_eff = [x_q], r
     if cfg.lambda_local > 0:
         j = partner[mine]  # partner of each of my samples, an index into the global batch

@@ -42,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from accelerate.utils import set_seed
-from einops import rearrange
 
 import common
 from common import ViewSpec
@@ -139,37 +138,6 @@ class Student(nn.Module):
         return self.predictor(self.projector(self.backbone(x)))
 
 
-class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm (1d or 2d) whose train-mode statistics come from `num_splits` contiguous chunks of the batch: the
-    teacher's shuffle BN (Sec. 4, without the predictor). Eval mode uses the running statistics, which the EMA update
-    copies from the student."""
-
-    num_splits = 1
-
-    def forward(self, x):
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        g = self.num_splits
-        # the chunks side by side as channels: one batch_norm call normalises each chunk with its own statistics
-        y = F.batch_norm(rearrange(x, "(g n) c ... -> n (g c) ...", g=g), None, None,
-                         self.weight.repeat(g), self.bias.repeat(g), True, 0.0, self.eps)
-        return rearrange(y, "n (g c) ... -> (g n) c ...", g=g)
-
-
-def to_split_bn(module, num_splits):
-    """Replace every BatchNorm (plain or Sync) of `module` in place by a SplitBatchNorm with the same state."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = SplitBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats).to(child.weight.device)
-            bn.load_state_dict(child.state_dict())
-            bn.num_splits = num_splits
-            setattr(module, name, bn)  # same position in _modules: parameter order unchanged for the EMA
-        else:
-            to_split_bn(child, num_splits)
-    return module
-
-
 # ----------------------------------------------------------------------------- Loss
 
 def relation_loss(z_s, z_t, queue, tau_s=0.1, tau_t=0.04):
@@ -210,7 +178,7 @@ class MomentumState(nn.Module):
         super().__init__()
         self.teacher = copy.deepcopy(nn.Sequential(student.backbone, student.projector)).requires_grad_(False)
         if bn_groups:  # shuffle BN: BN groups per process of the shuffled global batch (Sec. 4, no predictor)
-            to_split_bn(self.teacher, bn_groups)
+            common.to_split_bn(self.teacher, bn_groups)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # Interpretation 4
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -257,18 +225,8 @@ def warmup_alpha(step, warmup_steps, enabled):
 
 
 def teacher_bn_splits(cfg):
-    """Teacher BN groups over the global batch: --bn-splits, or by default 1 (global BN) with the predictor and 8
-    (shuffle BN, as MoCo's 8 GPUs) without it (Sec. 4)."""
+    """Teacher BN groups: --bn-splits, or 1 (global BN) with the predictor, 8 (shuffle BN, MoCo's 8 GPUs) without."""
     return cfg.bn_splits or (1 if cfg.predictor else 8)
-
-
-@torch.no_grad()
-def shuffle_bn(encoder, x_all, shuffle, accelerator):
-    """Shuffle BN (Sec. 4, no predictor): the global batch x_all (N, ...) in the order `shuffle` (a permutation of N,
-    the same on every process); this process encodes its 1/world share in its BN groups; the outputs of all processes
-    are gathered and put back in order -> (N, D). The result does not depend on the number of processes."""
-    share = rearrange(shuffle, "(w n) -> w n", w=accelerator.num_processes)[accelerator.process_index]
-    return accelerator.gather(encoder(x_all[share]).contiguous())[torch.argsort(shuffle)]
 
 
 # ----------------------------------------------------------------------------- Training
@@ -305,7 +263,7 @@ def forward_loss(student, state, views, labels, cfg, alpha, step, accelerator):
             shuffle = torch.randperm(len(x_all), device=x_all.device,
                                      generator=common.generator(cfg.seed, "shuffle-bn", step, device=x_all.device))
             rank, b = accelerator.process_index, len(x_t)
-            z_t = shuffle_bn(state.teacher, x_all, shuffle, accelerator)[rank * b:(rank + 1) * b]  # (B, D)
+            z_t = common.shuffle_bn(state.teacher, x_all, shuffle, accelerator)[rank * b:(rank + 1) * b]  # (B, D)
         else:
             z_t = state.teacher(x_t)  # (B, D), global BN
     # Interpretation 6: every crop against its image's teacher target, the mean over crops and images (V = 1: Eq. 7)

@@ -142,10 +142,6 @@ class Online(nn.Module):
 
 # ----------------------------------------------------------------------------- Loss
 
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @torch.no_grad()
 def assign_groups(z, groups):
     """Index (B,) of the most cosine-similar group (K, D) for each row of z (B, D); no gradient."""
@@ -160,7 +156,7 @@ def memberships(assign, num_groups):  # (B, K) one-hot; F.one_hot's range check 
 def group_counts(assign, num_groups):
     """(K,) float32 sizes of the groups in assign (B,), summed over processes: the global batch's group sizes."""
     counts = memberships(assign, num_groups).sum(dim=0)  # (K,)
-    if world_size() > 1:
+    if common.world_size() > 1:
         dist.all_reduce(counts)
     return counts
 
@@ -175,7 +171,7 @@ def update_groups(groups, z, assign, beta, counts=None, carry=None):
     groups = groups.detach().float()  # (K, D)
     counts = group_counts(assign, len(groups)) if counts is None else counts  # (K,)
     sums = memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1)  # (K, D)
-    if world_size() > 1:
+    if common.world_size() > 1:
         sums = dist_nn.all_reduce(sums)  # backward sums the gradients of every process's loss
     sums = sums if carry is None else sums + carry
     mean = sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
@@ -257,12 +253,6 @@ def kmeans_groups(x, cfg, step):
     return broadcast(spherical_kmeans(x, cfg.num_groups, cfg.kmeans_iters, generator=g), from_process=0)
 
 
-def gather_with_grad(x):
-    """All-gather (B, D) -> (N, D) keeping the autograd graph (accelerator.gather has none): the backward sums each
-    row's gradient over processes (x world size), which DDP's gradient averaging divides out again."""
-    return torch.cat(dist_nn.all_gather(x.contiguous())) if world_size() > 1 else x
-
-
 def group_step(groups, z, assign, counts, rule, beta, seen, seed, carry=None):
     """This iteration's groups (K, D), carrying gradient to z, under Table 7d's rules (Interpretation 7); counts are
     the global group_counts of assign. momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k;
@@ -270,7 +260,7 @@ def group_step(groups, z, assign, counts, rule, beta, seen, seed, carry=None):
     the global batch's rows, by a generator seeded with `seed` on z's device (the same on every process). carry:
     see update_groups."""
     if rule == "random":
-        z_all = gather_with_grad(z)  # (N, D)
+        z_all = common.gather_with_grad(z)  # (N, D)
         g = torch.Generator(device=z.device).manual_seed(seed)
         n, k = len(z_all), len(groups)  # distinct rows; with replacement only when there are more groups than rows
         idx = (torch.randperm(n, generator=g, device=z.device)[:k] if n >= k
@@ -349,7 +339,7 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
         if step % cfg.accumulate:
             carry, counts = state.window_sums.clone(), counts + state.window_counts
         sums = memberships(assign, cfg.num_groups).T @ F.normalize(z_a.detach().float(), dim=1)  # (K, D)
-        if world_size() > 1:
+        if common.world_size() > 1:
             dist.all_reduce(sums)
         state.window_sums.copy_(sums if carry is None else sums + carry)
         state.window_counts.copy_(counts)

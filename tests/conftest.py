@@ -212,7 +212,7 @@ def cifar_subset(tmp_path_factory):
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
                      ("reco", "--image-pair", "q/q", "--feature-pair", "q/q"), ("ressl",), ("ressl", "shuffle"),
                      ("smog",), ("smog", "multicrop"), ("reco", "--multi-crop"),
-                     ("ressl", "multi"), ("batchnorm",)]
+                     ("ressl", "multi"), ("distributed",)]
 # real script runs, the loop of train() (two_process_run): name -> command line; runs that end in an error last
 TINY_HEADS = ["--proj-hidden", "32", "--proj-dim", "16"]
 RESSL_RUN = ["ressl.py", *TINY, *TINY_HEADS, "--queue-size", "16", "--eval-every", "0"]

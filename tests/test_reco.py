@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 import reco
-from common import latest_checkpoint
+from common import SplitBatchNorm, latest_checkpoint
 from conftest import (TINY, check_backbone, cli_error, read_metrics, run, run_resumed, two_process_results,
                       two_process_run)
 from sync_detector import HostTensors, SyncDetector
@@ -300,29 +300,13 @@ def test_lr_schedule_end_points():
 # ------------------------------------------------------------------------------------- shuffle BN, momentum, queue
 
 
-def test_split_batchnorm_equals_batchnorm_per_chunk():
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(3)
-    nn.init.normal_(bn.weight), nn.init.normal_(bn.bias)
-    split = reco.to_split_bn(nn.Sequential(bn), 2)[0]
-    assert isinstance(split, reco.SplitBatchNorm) and split.num_splits == 2
-    x = torch.randn(8, 3, 4, 4) * 3 + 1
-    ref = nn.BatchNorm2d(3)
-    ref.load_state_dict(split.state_dict())
-    expected = torch.cat([ref(x[:4]), ref(x[4:])])
-    assert torch.allclose(split.train()(x), expected, atol=1e-5)
-    ref.load_state_dict(split.state_dict())  # split BN leaves the running statistics alone (the EMA copies them)
-    split.eval(), ref.eval()
-    assert torch.allclose(split(x), ref(x))  # eval: running statistics
-
-
 def test_momentum_state_is_frozen_split_bn_copy_and_ema_update():
     cfg = reco.Config(proj_dim=4)
     online = reco.OnlineEncoder(cfg, cifar_stem=True)
     state = reco.MomentumState(online, 16, 4, splits_per_process=2, weak_bank=True)
     enc = state.momentum_encoder
     assert all(not p.requires_grad for p in enc.parameters())
-    assert any(isinstance(m, reco.SplitBatchNorm) for m in enc.modules())
+    assert any(isinstance(m, SplitBatchNorm) for m in enc.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in enc.modules())
     src = nn.Sequential(online.backbone, online.head).state_dict()
     assert list(enc.state_dict()) == list(src) and all(torch.equal(v, src[k]) for k, v in enc.state_dict().items())
@@ -360,18 +344,6 @@ class OneProcess:
     @staticmethod
     def autocast():
         return contextlib.nullcontext()
-
-
-def test_shuffle_bn_groups_follow_the_shuffle():
-    enc = reco.to_split_bn(nn.Sequential(nn.BatchNorm2d(2), nn.Flatten()), 2).train()
-    x = torch.randn(6, 2, 1, 1) * torch.tensor([1.0, 5.0]).view(1, 2, 1, 1)
-    shuffle = torch.tensor([4, 0, 2, 5, 1, 3])
-    keys = F.normalize(reco.shuffle_bn(enc, x, shuffle, OneProcess), dim=1)
-    bn = nn.BatchNorm2d(2)
-    expected = torch.zeros(6, 2)
-    for group in (shuffle[:3], shuffle[3:]):  # BN statistics of each group of the shuffled batch
-        expected[group] = F.normalize(bn(x[group]).flatten(1), dim=1)
-    assert torch.allclose(keys, expected, atol=1e-5)
 
 
 def test_step_randomness_is_a_function_of_seed_and_step():
