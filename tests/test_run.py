@@ -39,7 +39,8 @@ def straight(tmp_path_factory):
 
 
 class Died(BaseException):
-    """What os._exit would do to a user's process, in this one: nothing after the raise runs, no handler catches it."""
+    """Stands in for a process that dies part-way through a save (os._exit): a BaseException, which no handler of the
+    scripts catches, raised after Accelerate wrote its files."""
 
 
 def test_save_interrupted_part_way_resumes_from_the_previous_checkpoint(straight, tmp_path, monkeypatch):
