@@ -72,14 +72,12 @@ class Config(common.BaseConfig):
 # --recipe paper: Sec. 4's protocol behind Table 1 (each value cited); --recipe small is the defaults above
 PAPER = {
     "arch": "resnet50",  # Sec. 4: "The backbone is ResNet-50"
-    "optimizer": "lars",  # Sec. 4: "The optimizer is LARS [17] with a momentum 0.9"
-    "momentum": 0.9,  # Sec. 4
+    "optimizer": "lars", "momentum": 0.9,  # Sec. 4: "The optimizer is LARS [17] with a momentum 0.9"
     "batch_size": 832,  # Sec. 4: "104 images per GPU, and we use eight GPUs" (global; m = 831, Deviation 2)
     "accumulate": 5,  # Sec. 4: "The gradient update interval is five steps"
     "lr": 4.8 * 256 / (832 * 5),  # Sec. 4: "starts from 4.8", for 4160 images per update (x 4160 / 256 in schedules)
     "warmup_epochs": 10,  # Interpretation 10: OpenSelfSup [49]'s BYOL config and the released ones, warmup_iters=10
-    "weight_decay": 1e-6,  # Sec. 4: "The weight decay factor is 1e-6"
-    "epochs": 200,  # Sec. 4: "The maximum epoch is 200"
+    "weight_decay": 1e-6, "epochs": 200,  # Sec. 4: "The weight decay factor is 1e-6", "The maximum epoch is 200"
     "blur": "on",  # Sec. 4: "Gaussian blurring" (BYOL's p 1.0 / 0.1, Interpretation 5) at every size
 }
 
@@ -92,8 +90,7 @@ def view_specs(cfg, size):
     (sigma 0.1-2, kernel about 10 % of the side) p 1.0 / 0.1 and solarisation p 0 / 0.2 for views 1 / 2."""
     # Deviation 1: no blur for images <= 64 px unless --blur on (CIFAR recipes of this family drop it)
     blur = cfg.blur == "on" or (cfg.blur == "auto" and size > 64)
-    byol = dict(crop_scale=(cfg.crop_min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
-                blur_sigma=(0.1, 2.0))
+    byol = dict(crop_scale=(cfg.crop_min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
     return [ViewSpec(**byol, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
             ViewSpec(**byol, blur_p=0.1 if blur else 0.0, solarize_p=0.2)]
 
@@ -148,7 +145,6 @@ def _ranked_distances(p, z, k, pos_offset, k_range):
     d_pos = dist.gather(1, pos_idx[:, None]).squeeze(1)  # (B,)
     # the positive moves past every negative (d <= 1 < inf): ranks 1..m are the negatives
     neg_dist = dist.scatter(1, pos_idx[:, None], float("inf"))  # (B, N)
-    # the mean of the sorted negative distances at ranks first..last: the k-th alone, or the released head's range
     nearest, nearest_idx = neg_dist.topk(last, dim=1, largest=False)  # (B, last), ascending
     return d_pos, nearest[:, first - 1:].mean(dim=1), nearest_idx[:, first - 1:]  # (B,), (B,), (B, R)
 
@@ -157,11 +153,10 @@ def triplet_loss(p, z, k=None, gamma=2.0, margin=100.0, *, pos_offset=0, k_range
     """Median (rank-k) triplet loss, Eq. (2), averaged over the anchors (rows of p).
 
     p (B, D) online predictions (anchors); z (N, D) target projections, N >= B: the positive of p[i] is
-    z[pos_offset + i], every other row of z a negative (m = N - 1). Multi-process: z is the gathered global batch and
-    pos_offset = process_index * B, so anchors stay local and negatives are global. d(x, y) = -cos(x, y); the m
-    negative distances sorted ascending, the k-th (1-based) is used: k = None is the median m // 2 (1 when m = 1),
-    k = 1 the hardest. k_range = (first, last): the mean distance of ranks first..last instead (the released head,
-    (2, 10)); k is then ignored. negative_index gives the rows of z used as negatives."""
+    z[pos_offset + i], every other row a negative (m = N - 1). Multi-process: z is the gathered global batch and
+    pos_offset = process_index * B (local anchors, global negatives). d(x, y) = -cos(x, y); of the m negative distances
+    sorted ascending, the k-th (1-based) is used: k = None is the median m // 2 (1 when m = 1), k = 1 the hardest;
+    k_range = (first, last): the mean of ranks first..last instead, k ignored (the released head: (2, 10))."""
     d_pos, d_neg, _ = _ranked_distances(p, z, k, pos_offset, k_range)
     # Eq. (2) (Interpretation 1): max(gamma * d(x, x+) - d(x, x-_rank-k) + C, 0)
     return F.relu(gamma * d_pos - d_neg + margin).mean()
@@ -174,9 +169,8 @@ def negative_index(p, z, k=None, *, pos_offset=0, k_range=None):
 
 
 def over_clustering_probability(m, k, p):
-    """Sec. 3.3: probability that at least k of m negatives share the anchor's class (class probability p): the
-    binomial upper tail, summed in log space so that values far below float64's normal range (the paper's m = 104,
-    k = 52, p = 1e-3 gives ~1e-126) stay accurate.
+    """Sec. 3.3: Pr(at least k of m negatives share the anchor's class), class probability p: the binomial upper tail,
+    in log space to stay accurate far below float64's normal range (the paper's m = 104, k = 52, p = 1e-3: ~1e-126).
     Interpretation 3: the paper's printed 6.53e-121 (k = 52) and 3.03e-94 (k = 5) do not follow from this formula."""
     assert m >= 0 and 0 <= k <= m + 1 and 0.0 <= p <= 1.0, f"need m >= 0, 0 <= k <= m + 1, 0 <= p <= 1: {m}, {k}, {p}"
     if k == 0:
@@ -185,21 +179,19 @@ def over_clustering_probability(m, k, p):
         return 0.0
     if p == 1.0:
         return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
     # Sec. 3.3: Pr = sum_{j=k}^{m} C_m^j p^j (1-p)^(m-j)
-    logs = [math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1) + j * log_p + (m - j) * log_q
-            for j in range(k, m + 1)]
+    logs = [math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1) + j * math.log(p)
+            + (m - j) * math.log1p(-p) for j in range(k, m + 1)]
     top = max(logs)
     return math.exp(top) * math.fsum(math.exp(t - top) for t in logs)
 
 
 @torch.no_grad()
 def overclustering_events(neg_idx, anchor_labels, all_labels):
-    """Table 5 (labels feed this monitor only). neg_idx (B, R): the rows of z used as each anchor's negative
-    (negative_index; R > 1 for the released head); anchor_labels (B,); all_labels (N,) labels of the rows of z; -1
-    (unlabelled, STL-10) is never counted. -> omega_i (B,) bool: the rank-k negative has the anchor's label
-    (Interpretation 9: any of the R); event_b, 0-dim bool: the batch holds two labelled images of one class (event
-    B). A batch has event Omega when omega_i is True for any of its anchors. No host synchronisation."""
+    """Table 5. neg_idx (B, R): each anchor's negative rows of z (negative_index; R > 1: the released head);
+    anchor_labels (B,); all_labels (N,): labels of z's rows, -1 (unlabelled, STL-10) never counted. -> omega_i (B,)
+    bool: the rank-k negative has the anchor's label (Interpretation 9: any of the R); event_b, 0-dim bool: the batch
+    holds two labelled images of one class (event B). A batch has event Omega if any omega_i. No host sync."""
     same = all_labels[neg_idx] == anchor_labels[:, None]  # (B, R)
     omega_i = same.any(dim=1) & (anchor_labels >= 0)  # (B,)
     s = all_labels.sort().values  # equal labels side by side
@@ -221,8 +213,7 @@ class MomentumState(nn.Module):
 def ema_update(target, online, m):
     """BYOL's mean teacher, fused over all parameters: theta_target <- m * theta_target + (1 - m) * theta_online.
     BN running statistics are copied (the target runs in train mode: they matter only to whoever evaluates it)."""
-    params = list(target.parameters())
-    torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - m)  # one fused op
+    torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in online.parameters()], 1 - m)
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
@@ -260,10 +251,9 @@ def check_config(cfg, num_processes):
 
 
 def forward_loss(online, state, views, labels, cfg, accelerator):
-    """The loss of this process's share of the batch -> (loss, logs). Anchors are this process's online predictions;
-    positives and negatives the target projections of the whole global batch (Deviation 2), gathered without
-    gradient, row r being image r of the global batch. logs: both directions' losses, this step's Table 5 counts
-    (0-dim device tensors, the same on every process) and the gathered target projections of view 1 (for z_erank)."""
+    """This process's share of the batch -> (loss, logs). Anchors: its online predictions; positives and negatives: the
+    global batch's target projections (Deviation 2), row r = image r. logs: both directions' losses, the step's Table 5
+    counts (0-dim device tensors, the same on every process), the gathered view-1 target projections (z_erank)."""
     x1, x2 = views
     p1, p2 = online(x1), online(x2)  # (B, D) each
     with torch.no_grad(), accelerator.autocast():
@@ -278,8 +268,7 @@ def forward_loss(online, state, views, labels, cfg, accelerator):
     # Table 5 (Interpretation 6): every process gets the whole batch's negatives and the same counts
     neg_all = accelerator.gather(torch.stack([negative_index(p1, z2_all, **ranks),
                                               negative_index(p2, z1_all, **ranks)], dim=1))  # (N, 2, R)
-    omega_12, event_b = overclustering_events(neg_all[:, 0], labels_all, labels_all)
-    omega = torch.cat([omega_12, overclustering_events(neg_all[:, 1], labels_all, labels_all)[0]])  # (2N,)
+    omega, event_b = overclustering_events(neg_all.flatten(0, 1), labels_all.repeat_interleave(2), labels_all)  # (2N,)
     table5 = {"same_label": omega.sum(), "labelled": 2 * (labels_all >= 0).sum(), "omega": omega.any().long(),
               "event_b": event_b.long(), "batches": torch.ones_like(event_b, dtype=torch.long)}
     return loss_12 + loss_21, {"loss_12": loss_12.detach(), "loss_21": loss_21.detach(), "table5": table5,
@@ -304,8 +293,7 @@ def train_step(online, state, optimizer, views, labels, cfg, sched, step, accele
 
 
 def schedules(cfg, step, steps_per_epoch):
-    """The values of optimiser update `step`: learning rate (linear warm-up, then cosine; x batch x accumulate / 256)
-    and target momentum (Interpretation 7)."""
+    """Optimiser update `step`'s lr (lr_at, x batch x accumulate / 256) and target momentum (Interpretation 7)."""
     total = cfg.epochs * steps_per_epoch
     base_lr = cfg.lr * cfg.batch_size * cfg.accumulate / 256
     return {"lr": lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, base_lr),
@@ -328,8 +316,7 @@ def setup(cfg, data, accelerator):
 def epoch_diagnostics(table5, target_z1):
     """Table 5 over the epoch (Interpretation 6; the steps' counts summed, the same on every process) and the effective
     rank of the epoch's last target projections of view 1 (an SVD, whose error check syncs: once an epoch)."""
-    erank = common.effective_rank(target_z1)
-    c = dict(zip([*table5, "erank"], torch.stack([*table5.values(), erank]).tolist()))
+    c = dict(zip([*table5, "erank"], torch.stack([*table5.values(), common.effective_rank(target_z1)]).tolist()))
     return {"omega_given_a": c["omega"] / max(1, c["batches"]), "omega_given_b": c["omega"] / max(1, c["event_b"]),
             "rank_k_same_label": c["same_label"] / max(1, c["labelled"]), "z_erank": c["erank"]}
 
