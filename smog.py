@@ -1,7 +1,5 @@
-"""SMoG: Synchronous Momentum Grouping. Full page: docs/smog.md.
-
-B. Pang, Y. Zhang, Y. Li, J. Cai, C. Lu. "Unsupervised Visual Representation Learning by Synchronous Momentum
-Grouping", ECCV 2022, https://arxiv.org/abs/2207.06167.
+"""SMoG. B. Pang, Y. Zhang, Y. Li, J. Cai, C. Lu. "Unsupervised Visual Representation Learning by Synchronous
+Momentum Grouping", ECCV 2022, https://arxiv.org/abs/2207.06167. Full page: docs/smog.md.
 
 Contrastive learning between groups instead of instances: each online feature is contrasted (Eq. 3) with the group
 that the momentum network's view of the same image falls into, against all groups; the groups are momentum averages
@@ -9,8 +7,7 @@ of the online features (Eq. 4), updated every iteration and carrying gradient; k
 
 Run:    accelerate launch smog.py --data-dir data        (CIFAR-10: the small protocol, ReSSL Sec. 4's SGD recipe)
 Smoke:  python smog.py --dataset fake --epochs 2 --warmup-epochs 1 --batch-size 32 --num-workers 0 --reset-every 4
-Paper:  accelerate launch --num_processes 8 smog.py --dataset imagenet --data-dir <imagenet> --recipe paper
-            (Table 1, SMoG-dagger: ResNet-50, LARS, batch 4096, 400 epochs, 2x224 + 4x96 crops; PAPER below)
+Paper:  accelerate launch --num_processes 8 smog.py --dataset imagenet --data-dir DIR --recipe paper   (Table 1; PAPER)
 
 Glossary (the paper's names):
     f_theta   online network: backbone -> projection head (z) -> prediction head (p); gets the gradient.
@@ -25,8 +22,7 @@ Interpretations and deviations (marked in the code; each explained once in docs/
     I3  assign with the previous groups, update them, contrast with the updated groups; features L2-normalised.
     I4  initial groups: spherical k-means on the first global batch's online projections.
     I5  one loss direction per iteration; the two BYOL schemes alternate between the streams.
-    I6  resets every 300 optimiser updates: spherical k-means (10 Lloyd steps) on the cached projections, and
-        f^_eta <- f_theta.
+    I6  reset every 300 optimiser updates: spherical k-means (10 Lloyd steps) of cached projections; f^_eta <- f_theta.
     I7  Table 7d's latest / random / average rules.  I9  BatchNorm over the global batch.  I10  diagnostics.
     I11 multi-crop: the 4 small views through f_theta only; Eq. (3) averaged over the online views against c^b.
     I12 --accumulate: the groups move once per optimiser update, with every batch of the window (Eq. 4).
@@ -40,7 +36,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,15 +72,11 @@ class Config(common.BaseConfig):
 
 # --recipe paper: the paper's main ImageNet table (each value cited); --recipe small is the defaults above
 PAPER = {
-    "arch": "resnet50",  # Table 1: "ResNet50 is adopted"
-    "optimizer": "lars",  # Sec. 3.4: "we train with the LARS [69] optimizer"
-    "batch_size": 4096,  # Sec. 3.4: "with 4096 mini-batchsize on 64 GPUS"
-    "lr": 0.3,  # Sec. 3.4: "lr = 0.3 x batchsize/256" (schedules() scales it)
-    "warmup_epochs": 10,  # Sec. 3.4: "first a 10-epoch warm-up and then the cosine scheduler"
+    "arch": "resnet50", "epochs": 400,  # Table 1: "ResNet50 is adopted"; row SMoG-dagger: 400 epochs, 76.4 % top-1
+    "optimizer": "lars", "batch_size": 4096,  # Sec. 3.4: "LARS [69] optimizer with 4096 mini-batchsize on 64 GPUS"
+    "lr": 0.3, "warmup_epochs": 10,  # Sec. 3.4: "lr = 0.3 x batchsize/256" (schedules() scales it), "10-epoch warm-up"
     "weight_decay": 1e-6,  # Sec. 3.4: "The weight decay and temperature tau are set to 10^-6 and 0.1"
-    "epochs": 400,  # Table 1, row SMoG-dagger (multi-crop): 400 epochs, batch 4096, 76.4 % top-1
-    "multi_crop": True,  # Sec. 3.4: "two large views (224x224) and 4 small views (96x96)"; Table 1's dagger
-    "crop_min_scale": 0.2,  # Sec. 3.4: "the scale of the random crops are [0.2, 1.0] ... for large views"
+    "multi_crop": True, "crop_min_scale": 0.2,  # Table 1's dagger; Sec. 3.4: "two large views (224x224)", "[0.2, 1.0]"
     "blur": "on",  # Sec. 3.4: BYOL's schemes, "one has a stronger Gaussian blur"
 }
 SMALL_VIEWS, SMALL_SCALE = 4, (0.05, 0.2)  # Sec. 3.4: "4 small views (96x96)", "[0.05, 0.2]"
@@ -94,10 +85,9 @@ SMALL_VIEWS, SMALL_SCALE = 4, (0.05, 0.2)  # Sec. 3.4: "4 small views (96x96)", 
 # ----------------------------------------------------------------------------- Augmentations
 
 def view_specs(cfg, size):
-    """BYOL's two schemes (Sec. 3.4), alternated between the streams by forward_loss: the same crop, flip, colour
-    jitter (0.4, 0.4, 0.2, 0.1 with p 0.8) and grayscale (p 0.2); blur p 1.0 / 0.1 (sigma 0.1-2, kernel about 10 % of
-    the side), solarisation p 0 / 0.2. --blur auto leaves the blur out at 64 px or less (Deviation 3). --multi-crop
-    adds 4 small views, schemes 1, 2, 1, 2, of side round(size * 96 / 224) (Interpretation 11)."""
+    """BYOL's two schemes (Sec. 3.4; forward_loss alternates them between the streams): the same crop, flip, jitter and
+    grayscale; blur p 1.0 / 0.1 (kernel about 10 % of the side), solarisation p 0 / 0.2; --blur auto: none at <= 64 px
+    (Deviation 3). --multi-crop: 4 small views, schemes 1, 2, 1, 2, side round(size * 96 / 224) (Interpretation 11)."""
     blur = cfg.blur == "on" or (cfg.blur == "auto" and size > 64)
     byol = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_sigma=(0.1, 2.0))
     schemes = [dict(byol, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
@@ -144,8 +134,7 @@ class Online(nn.Module):
 
 @torch.no_grad()
 def assign_groups(z, groups):
-    """Index (B,) of the most cosine-similar group (K, D) for each row of z (B, D); no gradient."""
-    # Eq. (4), first line: c_i = the closest group (Interpretation 2: the printed "argmin sim" is the argMAX cosine)
+    """Eq. (4), first line (Interpretation 2): c (B,), the index of each z (B, D) row's most cosine-similar group."""
     return (F.normalize(z.float(), dim=1) @ F.normalize(groups.float(), dim=1).T).argmax(dim=1)  # (B,)
 
 
@@ -153,28 +142,24 @@ def memberships(assign, num_groups):  # (B, K) one-hot; F.one_hot's range check 
     return (assign.unsqueeze(1) == torch.arange(num_groups, device=assign.device)).float()
 
 
+def global_sum(x):  # over processes, with autograd: the backward sums the gradients of every process's loss
+    return dist_nn.all_reduce(x) if common.world_size() > 1 else x
+
+
 def group_counts(assign, num_groups):
     """(K,) float32 sizes of the groups in assign (B,), summed over processes: the global batch's group sizes."""
-    counts = memberships(assign, num_groups).sum(dim=0)  # (K,)
-    if common.world_size() > 1:
-        dist.all_reduce(counts)
-    return counts
+    return global_sum(memberships(assign, num_groups).sum(dim=0))  # (K,)
 
 
 def update_groups(groups, z, assign, beta, counts=None, carry=None):
-    """Eq. (4) -> new (K, D) float32 groups; groups with no assigned row are unchanged. groups (K, D) are constants;
-    z (B, D) online features get the gradient through the result (the "synchronous" grouping of Sec. 3.2); assign
-    (B,) group of each row; beta a float or a (K,) tensor (Table 7d's other rules); counts the (K,)
-    group_counts(assign, K) when the caller has them already; carry (K, D) detached sums of the --accumulate window's
-    earlier batches (counts then include them). Under torch.distributed the sums are all-reduced with
-    autograd: every process gets the global batch's groups, and the gradient reaches every process's features."""
+    """Eq. (4) -> new (K, D) float32 groups (no assigned row: unchanged). groups (K, D) are constants; z (B, D) online
+    features get the gradient through the result (the "synchronous" grouping of Sec. 3.2); assign (B,) the group of each
+    row; beta a float or (K,) tensor (Table 7d's other rules); counts: group_counts(assign, K) if known; carry: (K, D)
+    detached sums of the --accumulate window's earlier batches (counts include them); sums are global (global_sum)."""
     groups = groups.detach().float()  # (K, D)
     counts = group_counts(assign, len(groups)) if counts is None else counts  # (K,)
-    sums = memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1)  # (K, D)
-    if common.world_size() > 1:
-        sums = dist_nn.all_reduce(sums)  # backward sums the gradients of every process's loss
-    sums = sums if carry is None else sums + carry
-    mean = sums / counts.clamp(min=1).unsqueeze(1)  # (K, D)
+    sums = global_sum(memberships(assign, len(groups)).T @ F.normalize(z.float(), dim=1))  # (K, D)
+    mean = (sums if carry is None else sums + carry) / counts.clamp(min=1).unsqueeze(1)  # (K, D)
     beta = beta.unsqueeze(1) if isinstance(beta, torch.Tensor) else beta  # (K, 1); a float stays one (no H2D copy)
     # Eq. (4): g_k <- beta * g_k + (1 - beta) * mean_{c_t = g_k} f(x_t), then normalised (the paper omits it)
     updated = F.normalize(beta * groups + (1.0 - beta) * mean, dim=1)  # (K, D)
@@ -182,9 +167,8 @@ def update_groups(groups, z, assign, beta, counts=None, carry=None):
 
 
 def smog_loss(p, groups, target, tau=0.1):
-    """Eq. (3): cross-entropy, over all groups, of the online predictions p (B, D) against the index (B,) of the group
-    that the momentum network's feature of the other view fell into. groups (K, D) are the updated ones (carrying
-    gradient unless the caller detaches them). Float32 logits; scalar mean over the batch."""
+    """Eq. (3): cross-entropy over all groups (K, D; the updated ones, with gradient unless detached) of the online
+    predictions p (B, D) against target (B,), the momentum feature's group for the other view. Float32; batch mean."""
     # Eq. (3): L_i = -log exp(sim(p_i, c_i^b) / tau) / sum_j exp(sim(p_i, g_j) / tau)
     logits = F.normalize(p.float(), dim=1) @ F.normalize(groups.float(), dim=1).T / tau  # (B, K)
     return F.cross_entropy(logits, target)
@@ -193,10 +177,9 @@ def smog_loss(p, groups, target, tau=0.1):
 # ----------------------------------------------------------------------------- Momentum, groups, schedules
 
 class MomentumState(nn.Module):
-    """What the optimiser does not train: the momentum network f^_eta, the group features, the cache of the last
-    --reset-every iterations' projections (for the k-means) and the running group sizes ("average" rules). Identical
-    on every process (f^_eta follows the synchronised online network, the groups sums reduced over processes, the
-    cache gathered features, each k-means is broadcast from process 0); checkpoints hold it."""
+    """Not trained by the optimiser: f^_eta, the groups, the last --reset-every iterations' projections (k-means cache),
+    running group sizes ("average" rules), the --accumulate window's group sums and sizes (Interpretation 12). Equal on
+    every process (synchronised online network, all-reduced sums, gathered cache, broadcast k-means); checkpointed."""
 
     def __init__(self, online, num_groups, dim, cache_size, num_classes):
         super().__init__()
@@ -205,7 +188,6 @@ class MomentumState(nn.Module):
         self.register_buffer("groups", F.normalize(torch.randn(num_groups, dim), dim=1))  # (K, D)
         self.register_buffer("cache", torch.zeros(cache_size, dim))  # (reset_every * accumulate * global batch, D)
         self.register_buffer("seen", torch.zeros(num_groups))  # n_k of the "average" rules (Deviation 2)
-        # --accumulate: group sums and sizes of the window's earlier batches (Interpretation 12)
         self.register_buffer("window_sums", torch.zeros(num_groups, dim))
         self.register_buffer("window_counts", torch.zeros(num_groups))
 
@@ -213,17 +195,14 @@ class MomentumState(nn.Module):
 @torch.no_grad()
 def ema_update(target, online, m):
     """Sec. 3.2: f^_eta <- alpha * f^_eta + (1 - alpha) * f_theta, fused over the parameters; BN statistics copied."""
-    params = list(target.parameters())
-    torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - m)  # one fused op
+    torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in online.parameters()], 1 - m)
     torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
 
 
 def beta_schedule(step, total_steps, end=0.99, start=1.0, kind="linear"):
     """beta of Eq. (4) at a step: linear start -> end over training (Sec. 3.4: 1.0 -> 0.99), or `end` (Table 7a)."""
-    if kind == "fixed":
-        return end
-    frac = min(max(step, 0), max(total_steps - 1, 1)) / max(total_steps - 1, 1)
-    return start + (end - start) * frac
+    last = max(total_steps - 1, 1)  # the step that reaches `end`
+    return end if kind == "fixed" else start + (end - start) * (min(max(step, 0), last) / last)
 
 
 @torch.no_grad()
@@ -254,21 +233,18 @@ def kmeans_groups(x, cfg, step):
 
 
 def group_step(groups, z, assign, counts, rule, beta, seen, seed, carry=None):
-    """This iteration's groups (K, D), carrying gradient to z, under Table 7d's rules (Interpretation 7); counts are
-    the global group_counts of assign. momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k;
-    average-paper: beta_k = 1 - 1 / n_k (n_k counts this batch too; Deviation 2); random: every group re-drawn from
-    the global batch's rows, by a generator seeded with `seed` on z's device (the same on every process). carry:
-    see update_groups."""
+    """This iteration's groups (K, D), with gradient to z, by Table 7d's rules (Interpretation 7); counts, carry as in
+    update_groups. momentum: Eq. (4) with beta; latest: beta = 0; average: beta_k = 1 - m_k / n_k; average-paper:
+    beta_k = 1 - 1 / n_k (n_k counts this batch too; Deviation 2); random: each group a random global-batch row."""
     if rule == "random":
         z_all = common.gather_with_grad(z)  # (N, D)
-        g = torch.Generator(device=z.device).manual_seed(seed)
+        g = torch.Generator(device=z.device).manual_seed(seed)  # on z's device, the same draw on every process
         n, k = len(z_all), len(groups)  # distinct rows; with replacement only when there are more groups than rows
         idx = (torch.randperm(n, generator=g, device=z.device)[:k] if n >= k
                else torch.randint(n, (k,), generator=g, device=z.device))
         return F.normalize(z_all[idx].float(), dim=1)
     if rule in ("average", "average-paper"):
-        # Deviation 2: g_k + m_k / n_k * (mean - g_k), the running average; the paper prints 1 / n_k
-        beta = 1.0 - (counts if rule == "average" else 1.0) / (seen + counts).clamp(min=1)
+        beta = 1.0 - (counts if rule == "average" else 1.0) / (seen + counts).clamp(min=1)  # running mean (Deviation 2)
     return update_groups(groups, z, assign, 0.0 if rule == "latest" else beta, counts, carry)
 
 
@@ -282,8 +258,7 @@ def write_cache(cache, z_all, step, reset_every):
 
 @torch.no_grad()
 def periodic_reset(state, online_ema_view, cfg, step):
-    """"Avoiding Collapse" (Sec. 3.2, 3.4, Table 7b; Interpretation 6): relocate the groups by spherical k-means on
-    the cached online projections of the last reset_every iterations, and reset f^_eta to f_theta."""
+    """"Avoiding Collapse" (Secs. 3.2, 3.4, Table 7b; Interpretation 6): groups <- k-means(cache), f^_eta <- f_theta."""
     if cfg.kmeans_reset:
         groups, counts = kmeans_groups(state.cache, cfg, step)
         state.groups.copy_(groups)
@@ -318,10 +293,8 @@ def check_config(cfg, num_processes):
 
 def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     """The loss of this process's share of the batch -> (loss, new groups (K, D) for train_step to store, the global
-    batch's online projections z_all (N, D), logs). Step 0's k-means initialisation is stored here; under --accumulate
-    the window's group sums and sizes so far too. views: [scheme 1, scheme 2, small views...] (view_specs)."""
-    # Interpretation 5: the two schemes swap streams every batch (Sec. 3.4)
-    x_a, x_b = views[:2] if step % 2 == 0 else views[1::-1]
+    batch's projections z_all (N, D), logs); stores step 0's k-means groups, --accumulate's window sums and sizes."""
+    x_a, x_b = views[:2] if step % 2 == 0 else views[1::-1]  # Interpretation 5: schemes swap every batch (Sec. 3.4)
     z_a, p_a = online(x_a)  # (B, D) each: online projection f_theta(x^a) and prediction
     if len(views) > 2:  # Interpretation 11: the small views go through f_theta only, in one forward
         p_a = torch.cat([p_a, online(torch.cat(views[2:]))[1]])  # ((1 + S) B, D)
@@ -338,9 +311,7 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
     if cfg.accumulate > 1:  # Interpretation 12: Eq. (4) over the whole window, earlier batches detached
         if step % cfg.accumulate:
             carry, counts = state.window_sums.clone(), counts + state.window_counts
-        sums = memberships(assign, cfg.num_groups).T @ F.normalize(z_a.detach().float(), dim=1)  # (K, D)
-        if common.world_size() > 1:
-            dist.all_reduce(sums)
+        sums = global_sum(memberships(assign, cfg.num_groups).T @ F.normalize(z_a.detach().float(), dim=1))  # (K, D)
         state.window_sums.copy_(sums if carry is None else sums + carry)
         state.window_counts.copy_(counts)
     # Eq. (4), second line: synchronous update; gradient flows from the new groups to z_a (and to other processes)
@@ -361,9 +332,8 @@ def forward_loss(online, state, views, labels, cfg, beta, step, accelerator):
 
 
 def train_step(online, state, optimizer, views, labels, cfg, sched, step, accelerator):
-    """One optimiser step in the paper's order, no host sync: the periodic reset when due (Sec. 3.2), forward_loss
-    (Eqs. 3-4), SGD on f_theta, the momentum update of f^_eta; then the new groups and the batch's projections (for
-    the next k-means) are stored, unless the fp16 loss scaler skipped the step."""
+    """One optimiser step in the paper's order, no host sync: reset when due (Sec. 3.2), forward_loss (Eqs. 3-4), the
+    step on f_theta, f^_eta's momentum update; the new groups and k-means cache stored unless fp16 skipped the step."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"]
     raw = accelerator.unwrap_model(online)
@@ -394,8 +364,7 @@ def schedules(cfg, step, steps_per_epoch):
 
 
 def setup(cfg, data, accelerator):
-    """f_theta and its optimiser, prepared by Accelerate, and the momentum state (f^_eta, groups, cache), registered
-    for checkpointing -> (online, optimizer, state)."""
+    """f_theta and its optimiser, prepared by Accelerate, and the momentum state, registered for checkpointing."""
     online = Online(cfg, data.cifar_stem)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         online = common.global_batchnorm(online)  # global BN (Interpretation 9)
