@@ -205,8 +205,9 @@ def cifar_subset(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------- the suite's 2-process jobs, ONE start-up
-# Each 2-process start-up costs two Python processes' imports (~10 s on 2 cores): the first test that needs a
-# 2-process result runs every job below in one 2-rank start-up (tests/ddp_runs.py), later ones read its outputs.
+# Each 2-process start-up costs two Python processes' imports (a start-up that only prints the batch-divides error
+# took 7.6-8.4 s on 2 cores): the first test that needs a 2-process result runs every job below in one 2-rank
+# start-up (tests/ddp_runs.py), later ones read its outputs.
 
 # ddp_case of tests/test_<method>.py: a step of the script on a fixed global batch (two_process_results)
 TWO_PROCESS_CASES = [("hnpm",), ("median_triplet", "rank"), ("median_triplet", "range"), ("reco",),
